@@ -31,9 +31,117 @@ Simplifications (and why)
 4. The tiny default model has random weights and its tasks have toy rewards (colour, position,
    JPEG size). Its numbers show that the machinery works, not what SD3.5 reaches.
 """
+import contextlib
+import dataclasses
+import json
 import math
+import os
+import shutil
+import sys
+import time
 
 import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# config: one flat dataclass; None means "the stage's default" (STAGE_DEFAULTS, printed resolved)
+# ----------------------------------------------------------------------------------------------
+def _f(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class Config:
+    stage: str = _f("all", "teacher | distill | eval | all (teachers for --tasks, distill, eval)")
+    task: str = _f("color", "the task of --stage teacher")
+    tasks: str = _f("color,position,jpeg", "comma-separated tasks of --stage all / eval")
+    teachers: str = _f("", "--stage distill: task=DIR,... (default: <out>/teacher-<task> for --tasks)")
+    lora: str = _f("", "--stage eval: extra NAME=DIR LoRAs to evaluate")
+    model: str = _f("tiny", "tiny | sd35m-random | a hub id or local folder of an SD3 pipeline")
+    out: str = _f("runs/tiny", "output folder")
+    prompts: str = _f("", "real tasks: train prompts (txt, one a line, or GenEval metadata jsonl)")
+    test_prompts: str = _f("", "real tasks: held-out prompts (default: every 10th of --prompts)")
+    reward: str = _f("", "reward spec overriding the task's (see rewards.py --list)")
+    steps: int = _f(None, "optimizer steps of the stage (teacher 60, distill 60 on tiny)")
+    seed: int = _f(0, "random seed (model build, LoRA init, prompts and noise per step)")
+    noise_level: float = _f(None, "SDE noise level a (teacher 0.7, distill 0 = ODE)")
+    num_steps: int = _f(10, "sampler steps of training rollouts")
+    eval_steps: int = _f(40, "sampler steps of evaluation (ODE)")
+    guidance: float = _f(4.5, "classifier-free guidance scale (1 = off)")
+    teacher_guidance: str = _f("", "per-teacher CFG for distill targets, e.g. geneval=1.0")
+    resolution: int = _f(None, "image size in pixels (tiny 32, others 512)")
+    max_seq_len: int = _f(None, "T5 tokens (tiny 8, others 128)")
+    lora_rank: int = _f(32, "LoRA rank r")
+    lora_alpha: int = _f(64, "LoRA alpha")
+    lr: float = _f(None, "AdamW learning rate (teacher 1e-4, distill 3e-4; tiny: 3e-3)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clip")
+    batch_size: int = _f(None, "images per optimizer step and task, over all ranks (tiny 32)")
+    group_size: int = _f(None, "teacher: images per prompt, one GRPO group (tiny 8, paper 24)")
+    clip_range: float = _f(2e-6, "teacher: PPO clip range on the (normalised) ratio")
+    inner_epochs: int = _f(1, "teacher: optimizer steps on each sampled batch")
+    no_ratio_norm: bool = _f(False, "teacher: plain Flow-GRPO ratio (no RatioNorm, no 1/|dt|)")
+    loss: str = _f("closed", "distill: closed (closed-form KL) | ppo (PPO-style surrogate)")
+    two_pass: bool = _f(False, "distill: roll out, then recompute (reference) instead of fused")
+    train_steps: str = _f("", "distill: sampler steps with a loss, e.g. 0-8 or 0,2,4 (default all but last)")
+    eval_batch: int = _f(16, "eval: images per forward")
+    eval_prompts: int = _f(0, "eval: use at most this many test prompts per task (0 = all)")
+    save_every: int = _f(20, "save a checkpoint every N optimizer steps (and at the end)")
+    resume: bool = _f(False, "continue from the latest checkpoint in the stage's folder")
+    overwrite: bool = _f(False, "redo a stage whose output exists")
+    max_bad_steps: int = _f(5, "abort after this many non-finite steps in a row")
+    device: str = _f("auto", "auto | cpu | cuda")
+
+
+STAGE_DEFAULTS = {  # field -> {stage or (stage, model kind): value}; "*" for any stage
+    "noise_level": {"teacher": 0.7, "distill": 0.0, "*": 0.0},
+    "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, "teacher": 1000, "distill": 1000, "*": 0},
+    "lr": {("teacher", "tiny"): 3e-3, ("distill", "tiny"): 3e-3, "teacher": 1e-4, "distill": 3e-4, "*": 0.0},
+    "batch_size": {"tiny": 32, "*": 24},
+    "group_size": {"tiny": 8, "*": 24},
+    "resolution": {"tiny": 32, "*": 512},
+    "max_seq_len": {"tiny": 8, "*": 128},
+}
+
+
+class UserError(Exception):
+    """Bad input: main() prints the message as one line and exits with code 2."""
+
+
+def parse_config(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="DiffusionOPD (see the top of opd.py)")
+    for f in dataclasses.fields(Config):
+        if f.type in (bool, "bool"):
+            ap.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"])
+    return Config(**vars(ap.parse_args(argv)))
+
+
+def resolve(cfg, stage):
+    """A copy of cfg with the stage's defaults filled in, checked."""
+    kind = "tiny" if cfg.model == "tiny" else "real"
+    c = dataclasses.replace(cfg)
+    for name, table in STAGE_DEFAULTS.items():
+        if getattr(c, name) is None:
+            for key in [(stage, kind), stage, kind, "*"]:
+                if key in table:
+                    setattr(c, name, table[key]); break
+    if c.stage not in ("teacher", "distill", "eval", "all"):
+        raise UserError(f"unknown stage {c.stage!r} (teacher, distill, eval or all)")
+    if c.noise_level < 0:
+        raise UserError(f"--noise_level must be >= 0, got {c.noise_level}")
+    if c.loss not in ("closed", "ppo"):
+        raise UserError(f"unknown --loss {c.loss!r} (closed or ppo)")
+    if stage == "distill" and c.loss == "ppo" and c.noise_level == 0:
+        raise UserError("--loss ppo needs --noise_level > 0: the ODE step has no density")
+    if min(c.num_steps, c.eval_steps, c.batch_size, c.group_size, c.lora_rank) < 1:
+        raise UserError("--num_steps, --eval_steps, --batch_size, --group_size, --lora_rank must be >= 1")
+    if stage == "teacher" and c.batch_size % c.group_size:
+        raise UserError(f"--batch_size {c.batch_size} is not a multiple of --group_size {c.group_size}")
+    return c
 
 # ----------------------------------------------------------------------------------------------
 # maths: the flow-matching SDE/ODE step, log-densities, the closed-form OPD loss, PPO, GRPO-Guard
@@ -226,3 +334,804 @@ def distill_trajectory(student, teacher, x, sigmas, noise_level, train_steps, lo
         x = x_next.detach()
     x_final = traj["states"][:, -1] if two_pass else x
     return x_final, (total if backward is None else logged)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed: torchrun sets RANK/WORLD_SIZE; one process otherwise. gloo on CPU, nccl on GPU.
+# ----------------------------------------------------------------------------------------------
+def dist_setup(device):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def gather(x, world):
+    """Concatenate a (b, ...) tensor from every rank in rank order."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def rng(*key):
+    """A CPU generator seeded from (seed, step, purpose, rank): every step's randomness is a
+    function of the step counter, so a resumed run draws exactly what an uninterrupted one would."""
+    h = 0
+    for k in key:
+        h = (h * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# models: the real SD3 pipeline from the hub / a folder, or the same classes built from configs
+# ----------------------------------------------------------------------------------------------
+# the paper's LoRA targets (peft matches name suffixes: attn and attn2 of dual-attention blocks)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _quiet_hf():
+    import warnings
+    from diffusers.utils import logging as dl
+    from transformers.utils import logging as tl
+    dl.set_verbosity_error(); tl.set_verbosity_error(); dl.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def _byte_vocab():
+    """An in-memory byte-level CLIP vocab (2 specials, 256 byte chars, the same with </w>):
+    a real CLIPTokenizer without files, for the offline models."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in bs] + [chr(256 + n) for n in range(256 - len(bs))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ["", "</w>"]:
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    return vocab
+
+
+def build_offline(kind, seed=0):
+    """A StableDiffusion3Pipeline with random weights, built from configs (nothing downloaded).
+    kind 'tiny': ~0.1M-param transformer, 2x-downsampling VAE (runs on CPU in seconds).
+    kind 'sd35m-random': SD3.5-Medium's published transformer config (~2.5B params) with tiny
+    text encoders of the real widths and a tiny VAE: speed and memory of the real transformer."""
+    _quiet_hf()
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(seed)
+    vocab = _byte_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    if kind == "tiny":
+        widths, tcfg = [(32, 32), (32, 32)], dict(
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32,
+            dual_attention_layers=(0,), qk_norm="rms_norm")
+        blocks, vae_ch = 2, 16
+    else:  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+        widths, tcfg = [(64, 768), (64, 1280)], dict(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+            caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+        blocks, vae_ch = 4, 16  # VAE scale factor 8 as the real one
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=p, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
+        for h, p in widths]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(vae_ch,) * blocks,
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**tcfg).eval(), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0],
+        tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+
+
+def load_pipeline(cfg, device):
+    """The pipeline named by --model, on device: fp32 on CPU, bf16 on GPU."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if cfg.model in ("tiny", "sd35m-random"):
+        pipe = build_offline(cfg.model, cfg.seed)
+    else:
+        _quiet_hf()
+        from diffusers import StableDiffusion3Pipeline
+        import warnings
+        try:
+            with warnings.catch_warnings():  # newer diffusers renamed torch_dtype
+                warnings.simplefilter("ignore", FutureWarning)
+                pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, torch_dtype=dtype)
+        except Exception as e:  # offline and not cached, bad folder, gated repo, ...
+            raise UserError(f"cannot load model {cfg.model!r} ({type(e).__name__}): download it once "
+                            f"with network access (huggingface-cli download {cfg.model}) or pass a "
+                            f"local folder holding a StableDiffusion3Pipeline") from None
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False).eval().to(device, dtype)
+    return pipe
+
+
+class SD3:
+    """The pipeline's pieces as the maths needs them: cached prompt embeddings, velocity
+    closures (CFG included) for any adapter, latent noise and decoding to images."""
+
+    def __init__(self, pipe, cfg, device):
+        self.pipe, self.cfg, self.device = pipe, cfg, device
+        self.tr = pipe.transformer
+        self.dtype = self.tr.dtype
+        self.cache = {}
+        self.active = "?"
+        self.trainable = []  # the adapter weights being trained
+        self.latent = (self.tr.config.in_channels, cfg.resolution // pipe.vae_scale_factor,
+                       cfg.resolution // pipe.vae_scale_factor)
+
+    def encode(self, prompts, batch=64):
+        """Encode prompts not yet cached (the text encoders are frozen): kept on CPU."""
+        todo = [p for p in dict.fromkeys([""] + list(prompts)) if p not in self.cache]
+        with torch.no_grad():
+            for i in range(0, len(todo), batch):
+                chunk = todo[i:i + batch]
+                emb, _, pooled, _ = self.pipe.encode_prompt(
+                    chunk, None, None, device=self.device, do_classifier_free_guidance=False,
+                    max_sequence_length=self.cfg.max_seq_len)
+                for p, e, q in zip(chunk, emb.cpu(), pooled.cpu()):
+                    self.cache[p] = (e, q)
+
+    def offload_text_encoders(self):
+        """After encoding, the text encoders leave the GPU."""
+        if self.device.type == "cuda":
+            for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
+                if m is not None:
+                    m.to("cpu")
+            torch.cuda.empty_cache()
+
+    def use(self, adapter):
+        """Make an adapter active (None = the base model). peft makes the active adapter's
+        weights, and only those, require grad; we undo that: only self.trainable does. (A
+        leaf that stops requiring grad between forward and backward gets no gradient.)"""
+        if adapter == self.active:
+            return
+        if adapter is None:
+            self.tr.disable_adapters()
+        else:
+            self.tr.enable_adapters()
+            self.tr.set_adapter(adapter)
+        self.active = adapter
+        for n, p in self.tr.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(False)
+        for p in self.trainable:
+            p.requires_grad_(True)
+
+    def velocity(self, adapter, prompts, guidance, module=None):
+        """velocity(x, t) of the model with this adapter on these prompts, CFG with the empty
+        negative prompt. module: the forward to call (a DDP wrapper of the transformer)."""
+        self.encode(prompts)
+        emb = torch.stack([self.cache[p][0] for p in prompts]).to(self.device)   # (B, L, D)
+        pooled = torch.stack([self.cache[p][1] for p in prompts]).to(self.device)  # (B, P)
+        if guidance != 1:
+            ne, npool = self.cache[""]
+            emb = torch.cat([ne.to(self.device).expand_as(emb), emb])  # (2B, L, D) [uncond; cond]
+            pooled = torch.cat([npool.to(self.device).expand_as(pooled), pooled])
+        module = module or self.tr
+        autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+
+        def v(x, t):
+            self.use(adapter)
+            xin = torch.cat([x, x]) if guidance != 1 else x
+            tt = (torch.as_tensor(t, dtype=torch.float32) * 1000).to(self.device).expand(len(xin))
+            with autocast:  # transformer timestep input = 1000 t
+                out = module(hidden_states=xin.to(self.dtype), timestep=tt, encoder_hidden_states=emb,
+                             pooled_projections=pooled, return_dict=False)[0].float()
+            if guidance == 1:
+                return out
+            # v = v_u + w (v_c - v_u)
+            vu, vc = out.chunk(2)
+            return vu + guidance * (vc - vu)
+        return v
+
+    def noise(self, n, generator):
+        """x at t = 1: (n, C, h, w) standard normal latents, drawn on CPU for reproducibility."""
+        return torch.randn((n, *self.latent), generator=generator).to(self.device)
+
+    @torch.no_grad()
+    def decode(self, x, batch=16):
+        """Latents -> images (B, 3, H, W) in [0, 1], fp32."""
+        vae = self.pipe.vae
+        out = []
+        for i in range(0, len(x), batch):
+            z = x[i:i + batch] / vae.config.scaling_factor + vae.config.shift_factor
+            out.append((vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+
+def add_lora(tr, name, cfg):
+    """A LoRA adapter (r, alpha, the paper's targets; B = 0 so it starts at the base), active,
+    its weights fp32 and trainable."""
+    from peft import LoraConfig
+    torch.manual_seed(cfg.seed)  # A's init
+    tr.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights=True,
+                              target_modules=LORA_TARGETS), adapter_name=name)
+    tr.set_adapter(name)
+    params = [p for p in tr.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def adapter_state(tr, name):
+    from peft.utils import get_peft_model_state_dict
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(tr, adapter_name=name).items()}
+
+
+def save_lora(run_dir, tr, name):
+    """The adapter as diffusers-format safetensors (pipe.load_lora_weights(run_dir) loads it),
+    alpha and targets in its metadata; written to a temporary folder, then renamed in place."""
+    from diffusers import StableDiffusion3Pipeline
+    tmp = os.path.join(run_dir, f".tmp-lora-{os.getpid()}")
+    meta = tr.peft_config[name].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=adapter_state(tr, name),
+                                               transformer_lora_adapter_metadata=meta)
+    os.replace(os.path.join(tmp, LORA_FILE), os.path.join(run_dir, LORA_FILE))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_lora(tr, run_dir, name, producer):
+    """Load a saved LoRA as adapter `name`; clear errors for a missing folder or another model."""
+    path = os.path.join(run_dir, LORA_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"no LoRA at {path}: make it with `{producer}`")
+    try:
+        tr.load_lora_adapter(run_dir, weight_name=LORA_FILE, adapter_name=name, prefix="transformer")
+    except Exception as e:
+        raise UserError(f"the LoRA at {path} does not fit model {tr.config._name_or_path or 'tiny'} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if name not in tr.peft_config:
+        raise UserError(f"the LoRA at {path} matched no layer of this model")
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks: a name, train/test prompts (and GenEval metadata), a reward from rewards.py
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Task:
+    name: str
+    train: list
+    test: list
+    reward: object  # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (B,)
+    meta: dict = dataclasses.field(default_factory=dict)  # prompt -> GenEval metadata
+
+
+TOY_TASKS = ("color", "position", "jpeg")
+REAL_TASKS = {"geneval": "geneval", "ocr": "ocr", "aesthetic": "pickscore:1,clipscore:1,hpsv2:1"}
+
+
+def toy_prompts(name):
+    """The toy tasks' prompts, generated; a fixed split: every 4th prompt is held out."""
+    from rewards import COLORS, SIDES, SUBJECTS
+    if name == "color":
+        ps = [f"a {c} {s}" for c in COLORS for s in SUBJECTS]
+    elif name == "position":
+        ps = [f"a bright {s} on the {side}" for side in SIDES for s in SUBJECTS]
+    else:
+        ps = [f"a {adj} picture of a {s}" for adj in ("plain", "simple", "smooth", "clean") for s in SUBJECTS]
+    return [p for i, p in enumerate(ps) if i % 4], ps[::4]
+
+
+def read_prompts(path):
+    """Text (one prompt a line) or GenEval metadata jsonl ({"prompt": ..., ...} a line)."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"prompt file {path!r} not found (pass --prompts PATH)")
+    prompts, meta = [], {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}: a line is not JSON: {line[:60]!r}") from None
+                prompts.append(m["prompt"]); meta[m["prompt"]] = m
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise UserError(f"prompt file {path} is empty")
+    return prompts, meta
+
+
+def make_task(name, cfg, device="cpu"):
+    import rewards
+    if name in TOY_TASKS:
+        train, test = toy_prompts(name)
+        meta = {}
+    elif name in REAL_TASKS:
+        train, meta = read_prompts(cfg.prompts)
+        if cfg.test_prompts:
+            test, m2 = read_prompts(cfg.test_prompts); meta.update(m2)
+        else:
+            train, test = [p for i, p in enumerate(train) if i % 10], train[::10]
+    else:
+        raise UserError(f"unknown task {name!r} (toy: {', '.join(TOY_TASKS)}; real: {', '.join(REAL_TASKS)})")
+    try:
+        reward = rewards.load(cfg.reward or (name if name in TOY_TASKS else REAL_TASKS[name]), device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return Task(name, train, test, reward, meta)
+
+
+def score(task, images, prompts):
+    return task.reward(images, prompts, [task.meta.get(p, {}) for p in prompts]).float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: <run>/ckpt-<step>/{adapter.safetensors, state.pt}, written to a temporary folder
+# and renamed (atomic); the final LoRA <run>/pytorch_lora_weights.safetensors marks a done stage.
+# ----------------------------------------------------------------------------------------------
+IDENTITY = ("model", "lora_rank", "lora_alpha", "stage_kind")
+
+
+def checkpoints(run_dir):
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and
+                  os.path.isfile(os.path.join(run_dir, d, "state.pt")))
+
+
+def save_checkpoint(run_dir, step, tr, name, opt, cfg, keep=2):
+    from safetensors.torch import save_file
+    final = os.path.join(run_dir, f"ckpt-{step:07d}")
+    if os.path.isdir(final):
+        return
+    tmp = os.path.join(run_dir, f".tmp-ckpt-{step:07d}-{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    save_file(adapter_state(tr, name), os.path.join(tmp, "adapter.safetensors"))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(tmp, "state.pt"))
+    os.rename(tmp, final)  # the checkpoint exists only once complete
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+
+
+def load_checkpoint(run_dir, tr, name, opt, cfg):
+    """Restore the latest complete checkpoint; returns the step to continue from."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    ck = os.path.join(run_dir, checkpoints(run_dir)[-1])
+    state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+    old = state["config"]
+    for k in ("model", "lora_rank", "lora_alpha"):
+        if old[k] != getattr(cfg, k):
+            raise UserError(f"--resume: {run_dir} was trained with --{k} {old[k]}, not {getattr(cfg, k)}")
+    set_peft_model_state_dict(tr, load_file(os.path.join(ck, "adapter.safetensors")), adapter_name=name)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def prepare_run(run_dir, cfg, rank, what):
+    """Decide what to do with a stage's folder: 'done' (reuse), 'resume', or 'fresh'."""
+    done = os.path.isfile(os.path.join(run_dir, LORA_FILE))
+    if cfg.overwrite:
+        if rank == 0 and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        return "fresh"
+    if cfg.resume and checkpoints(run_dir) and not done:
+        return "resume"
+    if done:
+        return "done"
+    if checkpoints(run_dir):
+        raise UserError(f"{run_dir} holds a checkpoint of an unfinished {what} run: pass --resume to "
+                        f"continue it or --overwrite to start again")
+    return "fresh"
+
+
+class Logger:
+    """stdout and <run>/metrics.jsonl on rank 0."""
+
+    def __init__(self, run_dir, rank):
+        self.rank, self.path = rank, os.path.join(run_dir, "metrics.jsonl")
+
+    def __call__(self, **row):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def say(rank, *a):
+    if rank == 0:
+        print(*a, flush=True)
+
+
+def make_optimizer(params, cfg):
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+
+
+def guarded_step(opt, params, cfg, bad, rank):
+    """Clip and step, unless the gradient is not finite: then skip (warn); abort after
+    cfg.max_bad_steps in a row. Returns (grad norm, bad-in-a-row)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        bad += 1
+        say(rank, f"warning: non-finite loss or gradient, step skipped ({bad} in a row)")
+        if bad >= cfg.max_bad_steps:
+            raise UserError(f"{bad} non-finite steps in a row: aborted; the last good checkpoint is kept")
+        return float(norm), bad
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm), 0
+
+
+class Timer:
+    """Accumulates wall time per key (synchronising CUDA so the split is true)."""
+
+    def __init__(self, device):
+        self.t, self.cuda = {}, device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, key):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+
+
+def wrap_ddp(tr, world, device):
+    """DDP over the trainable adapter: built while it is the active adapter (DDP registers the
+    parameters that require grad when it is built)."""
+    if world == 1:
+        return tr
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(tr, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_ctx(ddp, last):
+    """All-reduce gradients only on the last backward of an accumulation."""
+    return contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync()
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: GRPO-Guard specialist teachers (one LoRA per task)
+# ----------------------------------------------------------------------------------------------
+def train_teacher(cfg, m, task, rank, world):
+    run_dir = os.path.join(cfg.out, f"teacher-{task.name}")
+    mode = prepare_run(run_dir, cfg, rank, "teacher")
+    if mode == "done":
+        say(rank, f"teacher-{task.name}: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
+        return run_dir
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} does not divide across {world} ranks")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    tr, name = m.tr, "policy"
+    m.encode(task.train + task.test)
+    params = m.trainable = add_lora(tr, name, cfg)
+    m.active = name
+    opt = make_optimizer(params, cfg)
+    start = load_checkpoint(run_dir, tr, name, opt, cfg) if mode == "resume" else 0
+    if start:
+        say(rank, f"resumed {run_dir} at step {start}")
+    ddp = wrap_ddp(tr, world, m.device)
+    sigmas = sd3_sigmas(cfg.num_steps)
+    N, G, b = cfg.num_steps, cfg.group_size, cfg.batch_size // world
+    log, bad = Logger(run_dir, rank), 0
+    bar = _bar(range(start, cfg.steps), rank, f"teacher-{task.name}")
+    for step in bar:
+        tm = Timer(m.device)
+        # the same prompts on every rank; each rank rolls out its slice of the batch
+        P = cfg.batch_size // G
+        idx = torch.randint(len(task.train), (P,), generator=rng(cfg.seed, step, 0))
+        prompts = [task.train[i] for i in idx for _ in range(G)]
+        groups = torch.arange(P).repeat_interleave(G)
+        mine = prompts[rank * b:(rank + 1) * b]
+        g = rng(cfg.seed, step, 1, rank)
+        with tm("sampling"):
+            traj = rollout(m.velocity(name, mine, cfg.guidance), m.noise(b, g), sigmas, cfg.noise_level, g)
+            images = m.decode(traj["states"][:, -1])
+        with tm("reward"):
+            r_all = gather(score(task, images, mine).to(m.device), world).cpu()
+            adv = group_advantages(r_all, groups)[rank * b:(rank + 1) * b].to(m.device)
+        with tm("training"):
+            for _ in range(cfg.inner_epochs):
+                v = m.velocity(name, mine, cfg.guidance, module=ddp)
+                for j in range(N):
+                    with sync_ctx(ddp, j == N - 1):
+                        x = traj["states"][:, j]
+                        mu, _ = transition(x, v(x, sigmas[j]), sigmas[j], sigmas[j + 1], cfg.noise_level)
+                        loss = grpo_loss(mu, traj["means"][:, j], traj["states"][:, j + 1], traj["stds"][:, j],
+                                         sigmas[j + 1] - sigmas[j], adv, cfg.clip_range,
+                                         ratio_norm=not cfg.no_ratio_norm, dt_reweight=not cfg.no_ratio_norm)
+                        (loss.mean() / N).backward()
+                gnorm, bad = guarded_step(opt, params, cfg, bad, rank)
+        log(step=step + 1, reward=r_all.mean().item(), grad_norm=gnorm, **{f"time_{k}": round(v, 4) for k, v in tm.t.items()})
+        if rank == 0:
+            bar.set_postfix(reward=f"{r_all.mean():.3f}")
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(run_dir, step + 1, tr, name, opt, cfg)
+    if rank == 0:
+        save_lora(run_dir, tr, name)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    _barrier(world)
+    _drop_adapters(m)
+    say(rank, f"teacher-{task.name}: saved {run_dir}/{LORA_FILE}")
+    return run_dir
+
+
+def _bar(it, rank, desc):
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
+
+
+def _barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _drop_adapters(m):
+    tr = m.tr.module if hasattr(m.tr, "module") else m.tr
+    if getattr(tr, "peft_config", None):
+        tr.delete_adapters(list(tr.peft_config))
+    m.active, m.trainable = "?", []
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: on-policy distillation of every teacher into one student (closed-form per-step KL)
+# ----------------------------------------------------------------------------------------------
+def parse_pairs(s, what):
+    out = {}
+    for item in [x for x in s.split(",") if x.strip()]:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise UserError(f"{what}: expected NAME=VALUE, got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parse_steps(s, n):
+    """'' -> all but the last step (the paper); '0-8' or '0,2,4' otherwise."""
+    if not s:
+        return list(range(n - 1))
+    steps = set()
+    for part in s.split(","):
+        a, _, b = part.partition("-")
+        try:
+            steps.update(range(int(a), int(b or a) + 1))
+        except ValueError:
+            raise UserError(f"bad --train_steps {s!r}") from None
+    if not steps or min(steps) < 0 or max(steps) >= n:
+        raise UserError(f"--train_steps {s!r} must lie in 0..{n - 1}")
+    return sorted(steps)
+
+
+def distill(cfg, m, tasks, teacher_dirs, rank, world):
+    run_dir = os.path.join(cfg.out, "student")
+    mode = prepare_run(run_dir, cfg, rank, "distill")
+    if mode == "done":
+        say(rank, f"student: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
+        return run_dir
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} does not divide across {world} ranks")
+    tr = m.tr
+    for t in tasks:  # M teachers: M adapters on the one transformer
+        load_lora(tr, teacher_dirs[t.name], f"teacher-{t.name}",
+                  f"python opd.py --stage teacher --task {t.name} --out {cfg.out}")
+    tg = {k: float(v) for k, v in parse_pairs(cfg.teacher_guidance, "--teacher_guidance").items()}
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    for t in tasks:
+        m.encode(t.train + t.test)
+    params = m.trainable = add_lora(tr, "student", cfg)
+    m.active = "student"
+    opt = make_optimizer(params, cfg)
+    start = load_checkpoint(run_dir, tr, "student", opt, cfg) if mode == "resume" else 0
+    ddp = wrap_ddp(tr, world, m.device)
+    sigmas = sd3_sigmas(cfg.num_steps)
+    train_steps = parse_steps(cfg.train_steps, cfg.num_steps)
+    b, n_back = cfg.batch_size // world, len(tasks) * len(train_steps)
+    log, bad = Logger(run_dir, rank), 0
+    bar = _bar(range(start, cfg.steps), rank, "distill")
+    for step in bar:
+        tm, done, losses = Timer(m.device), [0], {}
+
+        def timed(v, key):  # a velocity closure that adds its time to tm[key]
+            def f(x, t):
+                with tm(key if torch.is_grad_enabled() or key == "teacher" else "rollout"):
+                    return v(x, t)
+            return f
+
+        def backward(loss):  # one backward per trained step; sync on the round's last
+            done[0] += 1
+            with tm("backward"), sync_ctx(ddp, done[0] == n_back):
+                loss.backward()
+        t0 = time.perf_counter()
+        for mi, task in enumerate(tasks):  # round-robin: G = M, one optimizer step per round
+            idx = torch.randint(len(task.train), (cfg.batch_size,), generator=rng(cfg.seed, step, 0, mi))
+            mine = [task.train[i] for i in idx[rank * b:(rank + 1) * b]]
+            g = rng(cfg.seed, step, 1, mi, rank)
+            student = timed(m.velocity("student", mine, cfg.guidance, module=ddp), "student_fwd")
+            teacher = timed(m.velocity(f"teacher-{task.name}", mine, tg.get(task.name, cfg.guidance)), "teacher")
+            _, loss = distill_trajectory(student, teacher, m.noise(b, g), sigmas, cfg.noise_level, train_steps,
+                                         cfg.loss, backward=backward, two_pass=cfg.two_pass, generator=g)
+            losses[task.name] = loss
+        with tm("optimizer"):
+            gnorm, bad = guarded_step(opt, params, cfg, bad, rank)
+        total = time.perf_counter() - t0
+        model_time = sum(v for k, v in tm.t.items() if k != "optimizer")
+        log(step=step + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=gnorm,
+            time_round=round(total, 4), **{f"time_{k}": round(v, 4) for k, v in tm.t.items()},
+            model_share=round(model_time / total, 3))
+        if rank == 0:
+            bar.set_postfix(loss=f"{sum(losses.values()):.3g}")
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(run_dir, step + 1, tr, "student", opt, cfg)
+    if rank == 0:
+        save_lora(run_dir, tr, "student")
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    _barrier(world)
+    _drop_adapters(m)
+    say(rank, f"student: saved {run_dir}/{LORA_FILE}")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# eval: ODE sampler, CFG, each task's reward on its test prompts, for every model
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_images(m, adapter, prompts, seeds, cfg):
+    """ODE samples (eval_steps, CFG) for prompts, the noise of each from its own seed."""
+    sigmas = sd3_sigmas(cfg.eval_steps)
+    out = []
+    for i in range(0, len(prompts), cfg.eval_batch):
+        ps, ss = prompts[i:i + cfg.eval_batch], seeds[i:i + cfg.eval_batch]
+        x = torch.cat([m.noise(1, rng(cfg.seed, 7, s)) for s in ss])
+        traj = rollout(m.velocity(adapter, ps, cfg.guidance), x, sigmas, 0.0)
+        out.append(m.decode(traj["states"][:, -1]).cpu())
+    return torch.cat(out)
+
+
+def evaluate(cfg, m, tasks, rank, world, loras=None):
+    """Writes <out>/eval.json (model -> task -> mean reward), eval.md and samples.png."""
+    loras = dict(loras or {})
+    models = {"base": None}
+    for t in tasks:
+        d = os.path.join(cfg.out, f"teacher-{t.name}")
+        if os.path.isfile(os.path.join(d, LORA_FILE)):
+            models[f"teacher-{t.name}"] = d
+    if os.path.isfile(os.path.join(cfg.out, "student", LORA_FILE)):
+        models["student"] = os.path.join(cfg.out, "student")
+    models.update(loras)
+    for name, d in models.items():
+        if d is not None:
+            load_lora(m.tr, d, name, f"python opd.py --stage all --out {cfg.out}")
+    table, grid = {}, []
+    for name in models:
+        m.active = "?"
+        adapter = None if models[name] is None else name
+        table[name] = {}
+        for t in tasks:
+            test = t.test[: cfg.eval_prompts] if cfg.eval_prompts else t.test
+            mine = list(range(rank, len(test), world))  # prompts split across ranks
+            imgs = sample_images(m, adapter, [test[i] for i in mine], mine, cfg)
+            r = score(t, imgs, [test[i] for i in mine]) if mine else torch.zeros(0)
+            # gather (pad to equal length for all_gather)
+            n = math.ceil(len(test) / world)
+            pad = torch.full((n,), float("nan")); pad[: len(r)] = r
+            allr = gather(pad.to(m.device), world).cpu()
+            table[name][t.name] = allr[~torch.isnan(allr)].mean().item()
+            if rank == 0:
+                grid.append(imgs[:2] if world == 1 else sample_images(m, adapter, test[:2], [0, 1], cfg))
+    _drop_adapters(m)
+    if rank == 0:
+        write_eval(cfg.out, table, [t.name for t in tasks], grid, len(models))
+    return table
+
+
+def normalised_mean(table, tasks):
+    """Mean over tasks of min-max-normalised scores across the compared models (paper Table 1)."""
+    lo = {k: min(r[k] for r in table.values()) for k in tasks}
+    hi = {k: max(r[k] for r in table.values()) for k in tasks}
+    return {name: sum((r[k] - lo[k]) / (hi[k] - lo[k]) if hi[k] > lo[k] else 0.0 for k in tasks) / len(tasks)
+            for name, r in table.items()}
+
+
+def write_eval(out, table, tasks, grid, n_models):
+    avg = normalised_mean(table, tasks)
+    lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
+    for name, r in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in tasks) + f" | {avg[name]:.3f} |")
+    md = "\n".join(lines) + "\n\nMean reward on each task's test prompts (ODE sampler); avg = mean of " \
+        "min-max-normalised scores across the models above.\n"
+    tmp = os.path.join(out, ".tmp-eval")
+    with open(tmp + ".json", "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(tmp + ".json", os.path.join(out, "eval.json"))
+    with open(tmp + ".md", "w") as f:
+        f.write(md)
+    os.replace(tmp + ".md", os.path.join(out, "eval.md"))
+    print(md, flush=True)
+    # samples.png: one row per model, the same prompts and seeds in every row
+    from PIL import Image
+    rows = [torch.cat(list(grid[i * len(tasks):(i + 1) * len(tasks)])) for i in range(n_models)]
+    img = torch.stack([torch.cat(list(r), 2) for r in rows])  # (models, 3, H, W * k)
+    img = torch.cat(list(img), 1)
+    arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    scale = max(1, 128 // grid[0].shape[-1])
+    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(
+        os.path.join(out, "samples.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def run(cfg):
+    rank, world, device = dist_setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and world > 1:
+        torch.set_num_threads(1)
+    stages = ["teacher", "distill", "eval"] if cfg.stage == "all" else [cfg.stage]
+    base = resolve(cfg, stages[0])
+    task_names = [base.task] if cfg.stage == "teacher" else [t for t in base.tasks.split(",") if t]
+    if cfg.stage == "distill" and cfg.teachers:
+        task_names = list(parse_pairs(cfg.teachers, "--teachers"))
+    tasks = [make_task(n, base) for n in task_names]
+    say(rank, "config: " + json.dumps(dataclasses.asdict(base)))
+    m = SD3(load_pipeline(base, device), base, device)
+    for t in tasks:
+        m.encode(t.train + t.test)
+    m.offload_text_encoders()
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+    result = None
+    for stage in stages:
+        c = resolve(cfg, stage)
+        if stage == "teacher":
+            for t in tasks:
+                train_teacher(c, m, t, rank, world)
+        elif stage == "distill":
+            dirs = parse_pairs(c.teachers, "--teachers") if c.teachers else \
+                {t.name: os.path.join(c.out, f"teacher-{t.name}") for t in tasks}
+            distill(c, m, tasks, dirs, rank, world)
+        else:
+            result = evaluate(c, m, tasks, rank, world, parse_pairs(c.lora, "--lora"))
+    return result
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        t0 = time.time()
+        run(cfg)
+        say(int(os.environ.get("RANK", 0)), f"done in {time.time() - t0:.0f}s")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
