@@ -7,8 +7,8 @@ config -> maths -> models -> tasks -> checkpoints -> stage 1 (teachers) -> stage
 Run manual
 ----------
 Tiny, offline, CPU (a random-weight SD3 built from configs, weight-free toy rewards):
-    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~4 min
-    python opd.py --stage teacher --task color --out runs/x          # one teacher, ~1.5 min
+    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~4.5 min
+    python opd.py --stage teacher --task color --out runs/x          # one teacher, ~50 s
     torchrun --nproc_per_node=2 opd.py --stage teacher --task color --out runs/y
     python opd.py --stage distill --teachers color=runs/tiny/teacher-color,... --out runs/tiny
     python opd.py --stage eval --out runs/tiny          # eval.json, eval.md, samples.png
