@@ -684,7 +684,6 @@ def score(task, images, prompts):
 # checkpoints: <run>/ckpt-<step>/{adapter.safetensors, state.pt}, written to a temporary folder
 # and renamed (atomic); the final LoRA <run>/pytorch_lora_weights.safetensors marks a done stage.
 # ----------------------------------------------------------------------------------------------
-IDENTITY = ("model", "lora_rank", "lora_alpha", "stage_kind")
 
 
 def checkpoints(run_dir):
@@ -729,17 +728,20 @@ def load_checkpoint(run_dir, tr, name, opt, cfg):
     return state["step"]
 
 
-def prepare_run(run_dir, cfg, rank, what):
+def prepare_run(run_dir, cfg, rank, world, what):
     """Decide what to do with a stage's folder: 'done' (reuse), 'resume', or 'fresh'."""
     done = os.path.isfile(os.path.join(run_dir, LORA_FILE))
+    if done and not cfg.overwrite:
+        say(rank, f"{what}: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
+        return "done"
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} does not divide across {world} ranks")
     if cfg.overwrite:
         if rank == 0 and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
         return "fresh"
-    if cfg.resume and checkpoints(run_dir) and not done:
+    if cfg.resume and checkpoints(run_dir):
         return "resume"
-    if done:
-        return "done"
     if checkpoints(run_dir):
         raise UserError(f"{run_dir} holds a checkpoint of an unfinished {what} run: pass --resume to "
                         f"continue it or --overwrite to start again")
@@ -819,12 +821,9 @@ def sync_ctx(ddp, last):
 # ----------------------------------------------------------------------------------------------
 def train_teacher(cfg, m, task, rank, world):
     run_dir = os.path.join(cfg.out, f"teacher-{task.name}")
-    mode = prepare_run(run_dir, cfg, rank, "teacher")
+    mode = prepare_run(run_dir, cfg, rank, world, f"teacher-{task.name}")
     if mode == "done":
-        say(rank, f"teacher-{task.name}: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
         return run_dir
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size {cfg.batch_size} does not divide across {world} ranks")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
     tr, name = m.tr, "policy"
@@ -872,13 +871,18 @@ def train_teacher(cfg, m, task, rank, world):
             bar.set_postfix(reward=f"{r_all.mean():.3f}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(run_dir, step + 1, tr, name, opt, cfg)
+    return finish_run(run_dir, cfg, m, name, rank, world)
+
+
+def finish_run(run_dir, cfg, m, name, rank, world):
+    """The stage's final LoRA (its existence marks the stage done) and config; adapters dropped."""
     if rank == 0:
-        save_lora(run_dir, tr, name)
+        save_lora(run_dir, m.tr, name)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     _barrier(world)
     _drop_adapters(m)
-    say(rank, f"teacher-{task.name}: saved {run_dir}/{LORA_FILE}")
+    say(rank, f"{os.path.basename(run_dir)}: saved {run_dir}/{LORA_FILE}")
     return run_dir
 
 
@@ -930,12 +934,9 @@ def parse_steps(s, n):
 
 def distill(cfg, m, tasks, teacher_dirs, rank, world):
     run_dir = os.path.join(cfg.out, "student")
-    mode = prepare_run(run_dir, cfg, rank, "distill")
+    mode = prepare_run(run_dir, cfg, rank, world, "student")
     if mode == "done":
-        say(rank, f"student: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
         return run_dir
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size {cfg.batch_size} does not divide across {world} ranks")
     tr = m.tr
     for t in tasks:  # M teachers: M adapters on the one transformer
         load_lora(tr, teacher_dirs[t.name], f"teacher-{t.name}",
@@ -989,14 +990,7 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world):
             bar.set_postfix(loss=f"{sum(losses.values()):.3g}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(run_dir, step + 1, tr, "student", opt, cfg)
-    if rank == 0:
-        save_lora(run_dir, tr, "student")
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    _barrier(world)
-    _drop_adapters(m)
-    say(rank, f"student: saved {run_dir}/{LORA_FILE}")
-    return run_dir
+    return finish_run(run_dir, cfg, m, "student", rank, world)
 
 
 # ----------------------------------------------------------------------------------------------
