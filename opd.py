@@ -6,8 +6,8 @@ config -> maths -> models -> tasks -> checkpoints -> stage 1 (teachers) -> stage
 
 Run manual
 ----------
-Tiny, offline, CPU (a random-weight SD3 built from configs, weight-free toy rewards):
-    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~4.5 min
+Tiny, offline, CPU (an SD3 built from configs, pretrained ~40 s once on toy images, toy rewards):
+    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~5 min
     python opd.py --stage teacher --task color --out runs/x          # one teacher, ~50 s
     torchrun --nproc_per_node=2 opd.py --stage teacher --task color --out runs/y
     python opd.py --stage distill --teachers color=runs/tiny/teacher-color,... --out runs/tiny
@@ -28,8 +28,9 @@ Simplifications (and why)
    used DiffusionNFT for its GenEval teacher. Any teacher LoRA can be passed to stage 2.
 3. Per-step losses are averaged over latent elements (as the public code), not summed (as the
    paper's equations): a constant factor per resolution, absorbed by Adam.
-4. The tiny default model has random weights and its tasks have toy rewards (colour, position,
-   JPEG size). Its numbers show that the machinery works, not what SD3.5 reaches.
+4. The tiny default model is built from configs and pretrained for ~40 s on synthetic captioned
+   images (cached); its tasks have toy rewards (colour, position, JPEG size). Its numbers show
+   that the machinery works, not what SD3.5 reaches.
 """
 import contextlib
 import dataclasses
@@ -63,7 +64,7 @@ class Config:
     test_prompts: str = _f("", "real tasks: held-out prompts (default: every 10th of --prompts)")
     reward: str = _f("", "reward spec overriding the task's (see rewards.py --list)")
     steps: int = _f(None, "optimizer steps of the stage (teacher 60, distill 60 on tiny)")
-    seed: int = _f(0, "random seed (model build, LoRA init, prompts and noise per step)")
+    seed: int = _f(0, "random seed (LoRA init, prompts and noise per step; the tiny model is fixed)")
     noise_level: float = _f(None, "SDE noise level a (teacher 0.7, distill 0 = ODE)")
     num_steps: int = _f(10, "sampler steps of training rollouts")
     eval_steps: int = _f(40, "sampler steps of evaluation (ODE)")
@@ -384,18 +385,33 @@ def _quiet_hf():
     from transformers.utils import logging as tl
     dl.set_verbosity_error(); tl.set_verbosity_error(); dl.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # M adapters, on purpose
 
 
-def _byte_vocab():
-    """An in-memory byte-level CLIP vocab (2 specials, 256 byte chars, the same with </w>):
-    a real CLIPTokenizer without files, for the offline models."""
+def _toy_tokenizer():
+    """A real CLIPTokenizer without files: a byte-level vocab (2 specials, 256 byte chars, the
+    same with </w>) plus BPE merges that make each word of the toy prompts one token, as a
+    trained CLIP vocab does for common words ('left' and 'right' are then not mostly the same
+    bytes)."""
+    from transformers import CLIPTokenizer
+    from rewards import COLORS, SIDES, SUBJECTS
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     chars = [chr(b) for b in bs] + [chr(256 + n) for n in range(256 - len(bs))]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ["", "</w>"]:
         for c in chars:
             vocab[c + suffix] = len(vocab)
-    return vocab
+    merges = []
+    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture", "of"]
+    for w in sorted(words, key=len, reverse=True):  # longer first: 'bright' must not end in 'right'
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            if (cur, nxt) not in merges:
+                merges.append((cur, nxt))
+            cur += nxt
+            vocab.setdefault(cur, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def build_offline(kind, seed=0):
@@ -406,10 +422,9 @@ def build_offline(kind, seed=0):
     _quiet_hf()
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     torch.manual_seed(seed)
-    vocab = _byte_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok = _toy_tokenizer()
     if kind == "tiny":
         widths, tcfg = [(32, 32), (32, 32)], dict(
             sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
@@ -425,7 +440,7 @@ def build_offline(kind, seed=0):
             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
         blocks, vae_ch = 4, 16  # VAE scale factor 8 as the real one
     encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, projection_dim=p, bos_token_id=0,
         eos_token_id=1, pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
         for h, p in widths]
@@ -440,11 +455,112 @@ def build_offline(kind, seed=0):
         tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
 
 
-def load_pipeline(cfg, device):
+def toy_images(n, g):
+    """n captioned 32x32 images for pretraining the tiny model: a flat background that is half
+    the colour the caption names, the side it names brighter, a little pixel noise. The toy
+    tasks ask for more than this data shows (the pure colour, a strong contrast, no noise)."""
+    from rewards import COLORS, SIDES, SUBJECTS
+    u = lambda: torch.rand((), generator=g).item()
+    pick = lambda xs: xs[int(u() * len(xs))]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    ramp = {"left": -xx, "right": xx, "top": -yy, "bottom": yy}
+    ims, caps = [], []
+    for _ in range(n):
+        c, s, side, adj = pick(list(COLORS)), pick(SUBJECTS), pick(SIDES), pick(TOY_ADJECTIVES)
+        form = pick(["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}", "{c} {s} on the {side}", ""])
+        caps.append(("a " + form.format(c=c, s=s, side=side, adj=adj)) if form else "")
+        col = torch.tensor(COLORS[c] if "{c}" in form else [u(), u(), u()], dtype=torch.float32)
+        im = 0.5 * (0.2 + 0.6 * torch.rand(3, 1, 1, generator=g)) + 0.5 * col.view(3, 1, 1)
+        im = im + (0.4 if "{side}" in form else 0.1 * u()) * ramp[side]
+        ims.append((im + 0.05 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1))
+    return torch.stack(ims), caps
+
+
+def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
+    """About 40 s on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
+    shift from data, then the transformer by flow matching (v = eps - x0, logit-normal t, 10%
+    empty captions for CFG). Without this, a random tiny SD3 barely reacts to its prompt (1% of
+    the velocity between 'left' and 'right') and its VAE cannot change an image's mean colour."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    vae, tr = pipe.vae, pipe.transformer
+    vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for _ in range(vae_steps):
+        x = toy_images(32, g)[0] * 2 - 1
+        z = vae.encode(x).latent_dist.mean
+        loss = F.mse_loss(vae.decode(z + 0.1 * torch.randn(z.shape, generator=g)).sample, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = vae.encode(toy_images(256, g)[0] * 2 - 1).latent_dist.mean
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
+    tr.train().requires_grad_(True)
+    opt = torch.optim.AdamW(tr.parameters(), lr=3e-3, weight_decay=0.0)
+    cache = {}
+    for _ in range(steps):
+        ims, caps = toy_images(64, g)
+        caps = [c if keep else "" for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
+        todo = [c for c in dict.fromkeys(caps) if c not in cache]
+        with torch.no_grad():
+            if todo:
+                e, _, p, _ = pipe.encode_prompt(todo, None, None, device="cpu", do_classifier_free_guidance=False,
+                                                max_sequence_length=8)
+                cache.update({c: (a, b) for c, a, b in zip(todo, e, p)})
+            x0 = (vae.encode(ims * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        t = torch.sigmoid(torch.randn(64, generator=g)).view(-1, 1, 1, 1)
+        eps = torch.randn(x0.shape, generator=g)
+        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000,
+               encoder_hidden_states=torch.stack([cache[c][0] for c in caps]),
+               pooled_projections=torch.stack([cache[c][1] for c in caps]), return_dict=False)[0]
+        loss = F.mse_loss(v, eps - x0)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0); opt.step()
+    tr.eval().requires_grad_(False)
+    return loss.item()
+
+
+TINY_RECIPE = "tiny-v3"  # bump when build_offline("tiny") or pretrain_tiny change
+
+
+def tiny_pipeline(rank=0, world=1):
+    """The tiny default: build_offline("tiny") pretrained once by pretrain_tiny, then cached as
+    safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by every later run
+    and every rank, so all of them use the same weights."""
+    from safetensors.torch import load_file, save_file
+    cache = os.environ.get("OPD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd")
+    path = os.path.join(cache, TINY_RECIPE + ".safetensors")
+    pipe = build_offline("tiny")
+    parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    if rank == 0 and not os.path.isfile(path):
+        say(0, f"pretraining the tiny model once (~40 s), cached at {path}")
+        t0 = time.time()
+        with torch.random.fork_rng():
+            loss = pretrain_tiny(pipe)
+        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items() for n, v in mod.state_dict().items()}
+        meta = {"scaling_factor": str(pipe.vae.config.scaling_factor), "shift_factor": str(pipe.vae.config.shift_factor)}
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+        say(0, f"tiny model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})")
+    _barrier(world)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    state = load_file(path)
+    for k, mod in parts.items():
+        mod.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
+    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+    return pipe
+
+
+def load_pipeline(cfg, device, rank=0, world=1):
     """The pipeline named by --model, on device: fp32 on CPU, bf16 on GPU."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if cfg.model in ("tiny", "sd35m-random"):
-        pipe = build_offline(cfg.model, cfg.seed)
+    if cfg.model == "tiny":
+        pipe = tiny_pipeline(rank, world)
+    elif cfg.model == "sd35m-random":
+        pipe = build_offline(cfg.model)
     else:
         _quiet_hf()
         from diffusers import StableDiffusion3Pipeline
@@ -596,11 +712,17 @@ def load_lora(tr, run_dir, name, producer):
     path = os.path.join(run_dir, LORA_FILE)
     if not os.path.isfile(path):
         raise UserError(f"no LoRA at {path}: make it with `{producer}`")
+    from diffusers.utils import logging as dl
+    level = dl.get_verbosity()
+    dl.set_verbosity(dl.CRITICAL)  # diffusers logs the failure too; one line is enough
     try:
         tr.load_lora_adapter(run_dir, weight_name=LORA_FILE, adapter_name=name, prefix="transformer")
     except Exception as e:
-        raise UserError(f"the LoRA at {path} does not fit model {tr.config._name_or_path or 'tiny'} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
+        why = next((l for l in lines if "mismatch" in l), lines[0])[:160]
+        raise UserError(f"the LoRA at {path} does not fit this model ({type(e).__name__}: {why})") from None
+    finally:
+        dl.set_verbosity(level)
     if name not in tr.peft_config:
         raise UserError(f"the LoRA at {path} matched no layer of this model")
 
@@ -621,6 +743,9 @@ TOY_TASKS = ("color", "position", "jpeg")
 REAL_TASKS = {"geneval": "geneval", "ocr": "ocr", "aesthetic": "pickscore:1,clipscore:1,hpsv2:1"}
 
 
+TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
+
+
 def toy_prompts(name):
     """The toy tasks' prompts, generated; a fixed split: every 4th prompt is held out."""
     from rewards import COLORS, SIDES, SUBJECTS
@@ -629,7 +754,7 @@ def toy_prompts(name):
     elif name == "position":
         ps = [f"a bright {s} on the {side}" for side in SIDES for s in SUBJECTS]
     else:
-        ps = [f"a {adj} picture of a {s}" for adj in ("plain", "simple", "smooth", "clean") for s in SUBJECTS]
+        ps = [f"a {adj} picture of a {s}" for adj in TOY_ADJECTIVES for s in SUBJECTS]
     return [p for i, p in enumerate(ps) if i % 4], ps[::4]
 
 
@@ -710,16 +835,21 @@ def save_checkpoint(run_dir, step, tr, name, opt, cfg, keep=2):
         shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
 
 
+def check_resume(run_dir, cfg):
+    """The latest complete checkpoint's state, if it was made for this model and LoRA shape."""
+    state = torch.load(os.path.join(run_dir, checkpoints(run_dir)[-1], "state.pt"), weights_only=True)
+    for k in ("model", "lora_rank", "lora_alpha"):
+        if state["config"][k] != getattr(cfg, k):
+            raise UserError(f"--resume: {run_dir} was trained with --{k} {state['config'][k]}, not {getattr(cfg, k)}")
+    return state
+
+
 def load_checkpoint(run_dir, tr, name, opt, cfg):
     """Restore the latest complete checkpoint; returns the step to continue from."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
+    state = check_resume(run_dir, cfg)
     ck = os.path.join(run_dir, checkpoints(run_dir)[-1])
-    state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-    old = state["config"]
-    for k in ("model", "lora_rank", "lora_alpha"):
-        if old[k] != getattr(cfg, k):
-            raise UserError(f"--resume: {run_dir} was trained with --{k} {old[k]}, not {getattr(cfg, k)}")
     set_peft_model_state_dict(tr, load_file(os.path.join(ck, "adapter.safetensors")), adapter_name=name)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
@@ -807,6 +937,8 @@ def wrap_ddp(tr, world, device):
     parameters that require grad when it is built)."""
     if world == 1:
         return tr
+    if os.environ.get("OPD_TEST_NO_GRAD_SYNC"):  # only to show that rank_divergence catches it
+        return tr
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(tr, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -874,12 +1006,39 @@ def train_teacher(cfg, m, task, rank, world):
     return finish_run(run_dir, cfg, m, name, rank, world)
 
 
+def rank_divergence(params, world):
+    """The largest difference between this rank's weights and rank 0's, over all ranks: 0 when
+    DDP kept them in sync (it is the check that catches the DDP trap of NOTES in README)."""
+    if world == 1:
+        return 0.0
+    d = torch.zeros((), device=params[0].device)
+    for p in params:
+        ref = p.detach().clone()
+        torch.distributed.broadcast(ref, 0)
+        d = torch.maximum(d, (p.detach() - ref).abs().max())
+    torch.distributed.all_reduce(d, op=torch.distributed.ReduceOp.MAX)
+    return d.item()
+
+
+def write_json(path, obj):
+    """json, written to a temporary file and renamed."""
+    with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
+
+
 def finish_run(run_dir, cfg, m, name, rank, world):
-    """The stage's final LoRA (its existence marks the stage done) and config; adapters dropped."""
+    """The stage's final LoRA (its existence marks the stage done) and config; adapters dropped.
+    With several ranks, first check that they hold the same weights."""
+    if world > 1:
+        d = rank_divergence(m.trainable, world)
+        if d > 1e-6:
+            raise UserError(f"ranks diverged (max weight difference {d:.3g}): gradients were not "
+                            f"synchronised; nothing was saved beyond the last checkpoint")
+        say(rank, f"{os.path.basename(run_dir)}: {world} ranks in sync (max weight difference {d:.1g})")
     if rank == 0:
+        write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(cfg))
         save_lora(run_dir, m.tr, name)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
     _barrier(world)
     _drop_adapters(m)
     say(rank, f"{os.path.basename(run_dir)}: saved {run_dir}/{LORA_FILE}")
@@ -950,6 +1109,8 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world):
     m.active = "student"
     opt = make_optimizer(params, cfg)
     start = load_checkpoint(run_dir, tr, "student", opt, cfg) if mode == "resume" else 0
+    if start:
+        say(rank, f"resumed {run_dir} at step {start}")
     ddp = wrap_ddp(tr, world, m.device)
     sigmas = sd3_sigmas(cfg.num_steps)
     train_steps = parse_steps(cfg.train_steps, cfg.num_steps)
@@ -1083,19 +1244,34 @@ def write_eval(out, table, tasks, grid, n_models):
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
+def preflight(cfg, stages, task_names):
+    """Checks that need no model, before loading one: the ranks split the batch, and --resume
+    does not change the model or the LoRA of any stage it would continue."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if resolve(cfg, stages[0]).batch_size % world:
+        raise UserError(f"--batch_size {resolve(cfg, stages[0]).batch_size} does not divide across {world} ranks")
+    dirs = {"teacher": [f"teacher-{t}" for t in task_names], "distill": ["student"]}
+    for stage in stages:
+        for d in dirs.get(stage, []):
+            run_dir = os.path.join(cfg.out, d)
+            if cfg.resume and checkpoints(run_dir) and not os.path.isfile(os.path.join(run_dir, LORA_FILE)):
+                check_resume(run_dir, cfg)
+
+
 def run(cfg):
+    stages = ["teacher", "distill", "eval"] if cfg.stage == "all" else [cfg.stage]
+    preflight(cfg, stages, [cfg.task] if cfg.stage == "teacher" else [t for t in cfg.tasks.split(",") if t])
     rank, world, device = dist_setup(cfg.device)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(1)
-    stages = ["teacher", "distill", "eval"] if cfg.stage == "all" else [cfg.stage]
     base = resolve(cfg, stages[0])
     task_names = [base.task] if cfg.stage == "teacher" else [t for t in base.tasks.split(",") if t]
     if cfg.stage == "distill" and cfg.teachers:
         task_names = list(parse_pairs(cfg.teachers, "--teachers"))
     tasks = [make_task(n, base) for n in task_names]
     say(rank, "config: " + json.dumps(dataclasses.asdict(base)))
-    m = SD3(load_pipeline(base, device), base, device)
+    m = SD3(load_pipeline(base, device, rank, world), base, device)
     for t in tasks:
         m.encode(t.train + t.test)
     m.offload_text_encoders()

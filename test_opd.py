@@ -243,3 +243,141 @@ def test_bad_input_one_line_exit_2(args, needle, tmp_path):
     r = run(*args, "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1"}, timeout=120)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-1500:]
+
+
+# ------------------------------------------------------------------------------------- reliability
+SMALL = ["--batch_size", "8", "--group_size", "4", "--num_steps", "4", "--save_every", "1", "--tasks", "color"]
+
+
+def _lora(run_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(run_dir, opd.LORA_FILE))
+
+
+def _max_diff(a, b):
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _tree(d):
+    """Every file under d with its bytes: to show that a failed run touched nothing."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("t"))
+    r = run("--stage", "teacher", "--steps", "2", *SMALL, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return os.path.join(out, "teacher-color")
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
+    import signal
+    import time
+    args = ["--stage", stage, "--steps", "6", *SMALL]
+    if stage == "distill":
+        args += ["--teachers", f"color={teacher_dir}"]
+    sub = "teacher-color" if stage == "teacher" else "student"
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run(*args, "--out", a).returncode == 0
+    p = subprocess.Popen([sys.executable, "opd.py", *args, "--out", b], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not os.path.isdir(os.path.join(b, sub, "ckpt-0000002")):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(b, sub, opd.LORA_FILE))
+    # a checkpoint cut off mid-write (no state.pt) and a temporary folder are ignored on resume
+    os.makedirs(os.path.join(b, sub, "ckpt-0000099")); open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
+    os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1")); open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
+    r = run(*args, "--out", b)  # without --resume: refused, nothing touched
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run(*args, "--out", b, "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
+    assert _max_diff(_lora(os.path.join(a, sub)), _lora(os.path.join(b, sub))) <= 1e-6
+
+
+def test_same_seed_same_weights_other_seed_not(tmp_path):
+    args = ["--stage", "teacher", "--steps", "2", *SMALL]
+    outs = [str(tmp_path / n) for n in "abc"]
+    for o, seed in zip(outs, ["0", "0", "1"]):
+        assert run(*args, "--seed", seed, "--out", o).returncode == 0
+    a, b, c = (_lora(os.path.join(o, "teacher-color")) for o in outs)
+    assert _max_diff(a, b) == 0 and _max_diff(a, c) > 1e-4
+
+
+def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
+    out = str(tmp_path / "o")
+    assert run("--stage", "teacher", "--steps", "2", *SMALL, "--out", out).returncode == 0
+    os.remove(os.path.join(out, "teacher-color", opd.LORA_FILE))  # now an unfinished run
+    before = _tree(out)
+    for extra, needle in [(["--resume", "--lora_rank", "8"], "--lora_rank 32"),
+                          (["--resume", "--lora_alpha", "16"], "--lora_alpha 64"),
+                          (["--resume", "--model", "sd35m-random"], "--model tiny"),
+                          ([], "--resume")]:
+        r = run("--stage", "teacher", "--steps", "2", *SMALL, "--out", out, *extra)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-1500:]
+    assert _tree(out) == before
+
+
+def test_more_bad_inputs(tmp_path, teacher_dir):
+    from safetensors.torch import save_file
+    bad = tmp_path / "other-model"
+    bad.mkdir()  # a LoRA whose shapes fit another model
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 96),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(96, 4)},
+              str(bad / opd.LORA_FILE))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    out = str(tmp_path / "o")
+    cases = [(["--stage", "distill", "--teachers", f"color={bad}"], "does not fit"),
+             (["--stage", "teacher", "--task", "ocr", "--prompts", str(tmp_path / "empty.txt")], "is empty"),
+             (["--stage", "teacher", "--batch_size", "8"], "does not divide across 3 ranks")]
+    for args, needle in cases:
+        env = {"WORLD_SIZE": "3"} if "ranks" in needle else None
+        r = run(*args, "--out", out, env=env, timeout=120)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-1500:]
+
+
+def test_non_finite_steps_are_skipped_then_abort():
+    cfg = opd.Config(max_bad_steps=3)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = opd.make_optimizer([w], opd.resolve(cfg, "teacher"))
+    bad = 0
+    for i in range(2):
+        (w * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()  # a NaN gradient
+        _, bad = opd.guarded_step(opt, [w], cfg, bad, rank=0)
+        assert bad == i + 1 and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    w.sum().backward()  # a good step resets the count and moves the weights
+    _, bad = opd.guarded_step(opt, [w], cfg, bad, rank=0)
+    assert bad == 0 and not torch.equal(w.detach(), torch.ones(3))
+    with pytest.raises(opd.UserError, match="non-finite"):
+        for _ in range(3):
+            (w * float("inf")).sum().backward()
+            _, bad = opd.guarded_step(opt, [w], cfg, bad, rank=0)
+
+
+# ------------------------------------------------------------------------------------- torchrun
+def torchrun(*args, env=None, timeout=600):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "opd.py", *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def test_torchrun_two_ranks_stay_identical(tmp_path):
+    out = str(tmp_path / "o")
+    r = torchrun("--stage", "all", "--steps", "2", *SMALL, "--eval_steps", "4", "--eval_prompts", "2", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ranks in sync") == 2  # teacher and student, checked by comparing the weights
+    assert set(json.load(open(os.path.join(out, "eval.json")))) == {"base", "teacher-color", "student"}
+    # without gradient sync (the DDP trap) the ranks drift apart, and the check says so
+    r = torchrun("--stage", "teacher", "--steps", "2", *SMALL, "--out", str(tmp_path / "n"),
+                 env={"OPD_TEST_NO_GRAD_SYNC": "1"})
+    assert r.returncode != 0 and "ranks diverged" in r.stderr
