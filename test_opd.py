@@ -381,3 +381,24 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
     r = torchrun("--stage", "teacher", "--steps", "2", *SMALL, "--out", str(tmp_path / "n"),
                  env={"OPD_TEST_NO_GRAD_SYNC": "1"})
     assert r.returncode != 0 and "ranks diverged" in r.stderr
+
+
+# ------------------------------------------------------------------------------------- rewards
+def _render(text, w=512, h=256):
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+    im = Image.new("RGB", (w, h), "white")
+    ImageDraw.Draw(im).text((20, h // 2 - 30), text, fill="black", font=ImageFont.load_default(size=56))
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+def test_ocr_reads_rendered_text_offline():
+    import rewards
+    fn = rewards.load("ocr")
+    target = 'a street sign that says "Hello World"'
+    texts = ["Hello World", "Helo World", "Helo Wrld", ""]
+    r = fn(torch.stack([_render(t) for t in texts]), [target] * len(texts))
+    assert r.shape == (4,) and r[0] >= 0.9 and r[3] == 0
+    for t, got in zip(texts[1:3], r[1:3]):  # a misspelled render scores as its edit distance predicts
+        want = 1 - rewards._levenshtein(t.lower().replace(" ", ""), "helloworld") / len("helloworld")
+        assert abs(got.item() - want) < 1e-6, (t, got, want)
