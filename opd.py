@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -53,7 +54,7 @@ def _f(default, help):
 
 @dataclasses.dataclass
 class Config:
-    stage: str = _f("all", "teacher | distill | eval | all (teachers for --tasks, distill, eval)")
+    stage: str = _f("all", "teacher | distill | eval | all (teachers for --tasks, distill, eval) | bench")
     task: str = _f("color", "the task of --stage teacher")
     tasks: str = _f("color,position,jpeg", "comma-separated tasks of --stage all / eval")
     teachers: str = _f("", "--stage distill: task=DIR,... (default: <out>/teacher-<task> for --tasks)")
@@ -87,6 +88,7 @@ class Config:
     train_steps: str = _f("", "distill: sampler steps with a loss, e.g. 0-8 or 0,2,4 (default all but last)")
     eval_batch: int = _f(16, "eval: images per forward")
     eval_prompts: int = _f(0, "eval: use at most this many test prompts per task (0 = all)")
+    eval_seeds: int = _f(4, "eval: images per test prompt (GenEval uses 4)")
     save_every: int = _f(20, "save a checkpoint every N optimizer steps (and at the end)")
     resume: bool = _f(False, "continue from the latest checkpoint in the stage's folder")
     overwrite: bool = _f(False, "redo a stage whose output exists")
@@ -96,7 +98,7 @@ class Config:
 
 STAGE_DEFAULTS = {  # field -> {stage or (stage, model kind): value}; "*" for any stage
     "noise_level": {"teacher": 0.7, "distill": 0.0, "*": 0.0},
-    "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, "teacher": 1000, "distill": 1000, "*": 0},
+    "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, "teacher": 1000, "distill": 1000, "bench": 3, "*": 0},
     "lr": {("teacher", "tiny"): 3e-3, ("distill", "tiny"): 3e-3, "teacher": 1e-4, "distill": 3e-4, "*": 0.0},
     "batch_size": {"tiny": 32, "*": 24},
     "group_size": {"tiny": 8, "*": 24},
@@ -130,16 +132,16 @@ def resolve(cfg, stage):
             for key in [(stage, kind), stage, kind, "*"]:
                 if key in table:
                     setattr(c, name, table[key]); break
-    if c.stage not in ("teacher", "distill", "eval", "all"):
-        raise UserError(f"unknown stage {c.stage!r} (teacher, distill, eval or all)")
+    if c.stage not in ("teacher", "distill", "eval", "all", "bench"):
+        raise UserError(f"unknown stage {c.stage!r} (teacher, distill, eval, all or bench)")
     if c.noise_level < 0:
         raise UserError(f"--noise_level must be >= 0, got {c.noise_level}")
     if c.loss not in ("closed", "ppo"):
         raise UserError(f"unknown --loss {c.loss!r} (closed or ppo)")
     if stage == "distill" and c.loss == "ppo" and c.noise_level == 0:
         raise UserError("--loss ppo needs --noise_level > 0: the ODE step has no density")
-    if min(c.num_steps, c.eval_steps, c.batch_size, c.group_size, c.lora_rank) < 1:
-        raise UserError("--num_steps, --eval_steps, --batch_size, --group_size, --lora_rank must be >= 1")
+    if min(c.num_steps, c.eval_steps, c.eval_seeds, c.batch_size, c.group_size, c.lora_rank) < 1:
+        raise UserError("--num_steps, --eval_steps, --eval_seeds, --batch_size, --group_size, --lora_rank must be >= 1")
     if stage == "teacher" and c.batch_size % c.group_size:
         raise UserError(f"--batch_size {c.batch_size} is not a multiple of --group_size {c.group_size}")
     return c
@@ -477,13 +479,15 @@ def toy_images(n, g):
 
 
 def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
-    """About 40 s on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
-    shift from data, then the transformer by flow matching (v = eps - x0, logit-normal t, 10%
-    empty captions for CFG). Without this, a random tiny SD3 barely reacts to its prompt (1% of
-    the velocity between 'left' and 'right') and its VAE cannot change an image's mean colour."""
+    """About 60 s on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
+    shift from data, then the transformer and both CLIP text encoders together by flow matching
+    (v = eps - x0, logit-normal t, 10% empty captions for CFG). Without this, a random tiny SD3
+    barely reacts to its prompt (1% of the velocity between 'left' and 'right') and its VAE
+    cannot change an image's mean colour; with the text encoders frozen at random, 500 steps
+    teach colour but not the side (a position reward of 0.04 against 0.44 when they train)."""
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(seed)
-    vae, tr = pipe.vae, pipe.transformer
+    vae, tr, encoders = pipe.vae, pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2]
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     for _ in range(vae_steps):
@@ -495,31 +499,33 @@ def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
     with torch.no_grad():
         z = vae.encode(toy_images(256, g)[0] * 2 - 1).latent_dist.mean
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
-    tr.train().requires_grad_(True)
-    opt = torch.optim.AdamW(tr.parameters(), lr=3e-3, weight_decay=0.0)
-    cache = {}
+    models = [tr, *encoders]
+    params = [p for mod in models for p in mod.parameters()]
+    for mod in models:
+        mod.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     for _ in range(steps):
         ims, caps = toy_images(64, g)
         caps = [c if keep else "" for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
-        todo = [c for c in dict.fromkeys(caps) if c not in cache]
+        uniq = list(dict.fromkeys(caps))
+        e, _, p, _ = pipe.encode_prompt(uniq, None, None, device="cpu", do_classifier_free_guidance=False,
+                                        max_sequence_length=8)  # with grad: the encoders learn too
+        row = {c: i for i, c in enumerate(uniq)}
+        pick = torch.tensor([row[c] for c in caps])
         with torch.no_grad():
-            if todo:
-                e, _, p, _ = pipe.encode_prompt(todo, None, None, device="cpu", do_classifier_free_guidance=False,
-                                                max_sequence_length=8)
-                cache.update({c: (a, b) for c, a, b in zip(todo, e, p)})
             x0 = (vae.encode(ims * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
         t = torch.sigmoid(torch.randn(64, generator=g)).view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=g)
-        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000,
-               encoder_hidden_states=torch.stack([cache[c][0] for c in caps]),
-               pooled_projections=torch.stack([cache[c][1] for c in caps]), return_dict=False)[0]
+        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000, encoder_hidden_states=e[pick],
+               pooled_projections=p[pick], return_dict=False)[0]
         loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0); opt.step()
-    tr.eval().requires_grad_(False)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+    for mod in models:
+        mod.eval().requires_grad_(False)
     return loss.item()
 
 
-TINY_RECIPE = "tiny-v3"  # bump when build_offline("tiny") or pretrain_tiny change
+TINY_RECIPE = "tiny-v4"  # bump when build_offline("tiny") or pretrain_tiny change
 
 
 def tiny_pipeline(rank=0, world=1):
@@ -532,7 +538,7 @@ def tiny_pipeline(rank=0, world=1):
     pipe = build_offline("tiny")
     parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
     if rank == 0 and not os.path.isfile(path):
-        say(0, f"pretraining the tiny model once (~40 s), cached at {path}")
+        say(0, f"pretraining the tiny model once (~60 s), cached at {path}")
         t0 = time.time()
         with torch.random.fork_rng():
             loss = pretrain_tiny(pipe)
@@ -772,7 +778,9 @@ def read_prompts(path):
                 try:
                     m = json.loads(line)
                 except json.JSONDecodeError:
-                    raise UserError(f"{path}: a line is not JSON: {line[:60]!r}") from None
+                    m = None
+                if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
+                    raise UserError(f'{path}: a line is not a JSON object with a "prompt": {line[:60]!r}')
                 prompts.append(m["prompt"]); meta[m["prompt"]] = m
             else:
                 prompts.append(line)
@@ -794,9 +802,16 @@ def make_task(name, cfg, device="cpu"):
             train, test = [p for i, p in enumerate(train) if i % 10], train[::10]
     else:
         raise UserError(f"unknown task {name!r} (toy: {', '.join(TOY_TASKS)}; real: {', '.join(REAL_TASKS)})")
+    if name == "geneval" and not cfg.reward and any(p not in meta for p in train + test):
+        raise UserError("--task geneval needs GenEval metadata: --prompts a jsonl with one "
+                        '{"prompt": ..., "tag": ..., "include": [...]} a line')
+    spec = cfg.reward or (name if name in TOY_TASKS else REAL_TASKS[name])
     try:
-        reward = rewards.load(cfg.reward or (name if name in TOY_TASKS else REAL_TASKS[name]), device)
-    except ValueError as e:
+        reward = rewards.load(spec, device, eager=True)
+        if "ocr" in re.split(r"[,:=]", spec):
+            for p in train + test:
+                rewards.ocr_target(p)  # every OCR prompt quotes the text to render
+    except (ValueError, rewards.RewardError) as e:  # a bad spec, prompt or missing weights: before training
         raise UserError(str(e)) from None
     return Task(name, train, test, reward, meta)
 
@@ -1087,6 +1102,38 @@ def parse_steps(s, n):
     return sorted(steps)
 
 
+def distill_round(cfg, m, tasks, step, rank, world, module, tm, teacher_of, tg):
+    """One round of stage 2 (METHOD.md section 5), gradients only: for each task m, its prompts,
+    a student rollout, the teacher's means on the student's own states (no grad), the closed-form
+    loss backpropagated step by step; the M tasks accumulate into one gradient (G = M).
+    teacher_of(task) -> the teacher's adapter name; tg: per-task teacher CFG. Returns {task: loss}."""
+    sigmas = sd3_sigmas(cfg.num_steps)
+    train_steps = parse_steps(cfg.train_steps, cfg.num_steps)
+    b, n_back = cfg.batch_size // world, len(tasks) * len(train_steps)
+    done, losses = [0], {}
+
+    def timed(v, key):  # a velocity closure that adds its time to tm[key]
+        def f(x, t):
+            with tm(key if torch.is_grad_enabled() or key == "teacher" else "rollout"):
+                return v(x, t)
+        return f
+
+    def backward(loss):  # one backward per trained step; sync on the round's last
+        done[0] += 1
+        with tm("backward"), sync_ctx(module, done[0] == n_back):
+            loss.backward()
+    for mi, task in enumerate(tasks):  # round-robin: G = M, one optimizer step per round
+        idx = torch.randint(len(task.train), (cfg.batch_size,), generator=rng(cfg.seed, step, 0, mi))
+        mine = [task.train[i] for i in idx[rank * b:(rank + 1) * b]]
+        g = rng(cfg.seed, step, 1, mi, rank)
+        student = timed(m.velocity("student", mine, cfg.guidance, module=module), "student_fwd")
+        teacher = timed(m.velocity(teacher_of(task), mine, tg.get(task.name, cfg.guidance)), "teacher")
+        _, loss = distill_trajectory(student, teacher, m.noise(b, g), sigmas, cfg.noise_level, train_steps,
+                                     cfg.loss, backward=backward, two_pass=cfg.two_pass, generator=g)
+        losses[task.name] = loss
+    return losses
+
+
 def distill(cfg, m, tasks, teacher_dirs, rank, world):
     run_dir = os.path.join(cfg.out, "student")
     mode = prepare_run(run_dir, cfg, rank, world, "student")
@@ -1108,34 +1155,12 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world):
     if start:
         say(rank, f"resumed {run_dir} at step {start}")
     ddp = wrap_ddp(tr, world, m.device)
-    sigmas = sd3_sigmas(cfg.num_steps)
-    train_steps = parse_steps(cfg.train_steps, cfg.num_steps)
-    b, n_back = cfg.batch_size // world, len(tasks) * len(train_steps)
     log, bad = Logger(run_dir, rank), 0
     bar = _bar(range(start, cfg.steps), rank, "distill")
     for step in bar:
-        tm, done, losses = Timer(m.device), [0], {}
-
-        def timed(v, key):  # a velocity closure that adds its time to tm[key]
-            def f(x, t):
-                with tm(key if torch.is_grad_enabled() or key == "teacher" else "rollout"):
-                    return v(x, t)
-            return f
-
-        def backward(loss):  # one backward per trained step; sync on the round's last
-            done[0] += 1
-            with tm("backward"), sync_ctx(ddp, done[0] == n_back):
-                loss.backward()
+        tm = Timer(m.device)
         t0 = time.perf_counter()
-        for mi, task in enumerate(tasks):  # round-robin: G = M, one optimizer step per round
-            idx = torch.randint(len(task.train), (cfg.batch_size,), generator=rng(cfg.seed, step, 0, mi))
-            mine = [task.train[i] for i in idx[rank * b:(rank + 1) * b]]
-            g = rng(cfg.seed, step, 1, mi, rank)
-            student = timed(m.velocity("student", mine, cfg.guidance, module=ddp), "student_fwd")
-            teacher = timed(m.velocity(f"teacher-{task.name}", mine, tg.get(task.name, cfg.guidance)), "teacher")
-            _, loss = distill_trajectory(student, teacher, m.noise(b, g), sigmas, cfg.noise_level, train_steps,
-                                         cfg.loss, backward=backward, two_pass=cfg.two_pass, generator=g)
-            losses[task.name] = loss
+        losses = distill_round(cfg, m, tasks, step, rank, world, ddp, tm, lambda t: f"teacher-{t.name}", tg)
         with tm("optimizer"):
             gnorm, bad = guarded_step(opt, params, cfg, bad, rank)
         total = time.perf_counter() - t0
@@ -1187,7 +1212,8 @@ def evaluate(cfg, m, tasks, rank, world, loras=None):
         table[name] = {}
         for t in tasks:
             test = t.test[: cfg.eval_prompts] if cfg.eval_prompts else t.test
-            mine = list(range(rank, len(test), world))  # prompts split across ranks
+            test = [p for p in test for _ in range(cfg.eval_seeds)]  # image i has seed i
+            mine = list(range(rank, len(test), world))  # images split across ranks
             imgs = sample_images(m, adapter, [test[i] for i in mine], mine, cfg)
             r = score(t, imgs, [test[i] for i in mine]) if mine else torch.zeros(0)
             # gather (pad to equal length for all_gather)
@@ -1195,8 +1221,10 @@ def evaluate(cfg, m, tasks, rank, world, loras=None):
             pad = torch.full((n,), float("nan")); pad[: len(r)] = r
             allr = gather(pad.to(m.device), world).cpu()
             table[name][t.name] = allr[~torch.isnan(allr)].mean().item()
-            if rank == 0:
-                grid.append(imgs[:2] if world == 1 else sample_images(m, adapter, test[:2], [0, 1], cfg))
+            if rank == 0:  # two test prompts, their first seed
+                two = [0, cfg.eval_seeds][: len(test) // cfg.eval_seeds]
+                grid.append(imgs[[mine.index(i) for i in two]] if world == 1 else
+                            sample_images(m, adapter, [test[i] for i in two], two, cfg))
     _drop_adapters(m)
     if rank == 0:
         write_eval(cfg.out, table, [t.name for t in tasks], grid, len(models))
@@ -1233,6 +1261,96 @@ def write_eval(out, table, tasks, grid, n_models):
 
 
 # ----------------------------------------------------------------------------------------------
+# bench: what the fused rollout saves, and what M teachers as adapters cost
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def peak_memory(device):
+    """out["peak"]: peak bytes inside the block. GPU: the CUDA allocator's peak. CPU: the
+    process's resident set, sampled every millisecond from /proc (Linux)."""
+    out = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        torch.cuda.synchronize(); out["peak"] = torch.cuda.max_memory_allocated(device)
+        return
+    import threading
+    page, stop = os.sysconf("SC_PAGE_SIZE"), threading.Event()
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    out["peak"] = rss()
+
+    def poll():
+        while not stop.wait(0.001):
+            out["peak"] = max(out["peak"], rss())
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        yield out
+    finally:
+        stop.set(); th.join()
+        out["peak"] = max(out["peak"], rss())
+
+
+def bench(cfg, m, tasks, rank, world):
+    """--stage bench (one process): the peak memory of a distillation round with one adapter
+    trained alone (its teacher = the base) against the same round distilling from M teacher
+    adapters (random, B != 0); then seconds per round, fused against --two_pass, alternating
+    rounds after one warm-up each. Prints a table and writes <out>/bench.json."""
+    mb = lambda b: b / 2**20
+    params = m.trainable = add_lora(m.tr, "student", cfg)
+    m.active = "?"
+    run = lambda teacher_of, two_pass=False, step=0: distill_round(
+        dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world, m.tr, Timer(m.device),
+        teacher_of, {})
+    with peak_memory(m.device) as alone:
+        run(lambda t: None)
+    teacher_bytes = 0
+    for t in tasks:  # M teachers: adapters on the same transformer, B randomised
+        add_lora(m.tr, f"teacher-{t.name}", cfg)
+        for n, p in m.tr.named_parameters():
+            if f"teacher-{t.name}" in n:
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p.data, std=0.01)
+                teacher_bytes += p.numel() * p.element_size()
+    m.active = "?"
+    for p in params:
+        p.grad = None
+    with peak_memory(m.device) as multi:
+        run(lambda t: f"teacher-{t.name}")
+    times = {False: [], True: []}
+    for r in range(2 * cfg.steps + 2):
+        two_pass = bool(r % 2)
+        for p in params:
+            p.grad = None
+        if m.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(lambda t: f"teacher-{t.name}", two_pass, step=r)
+        if m.device.type == "cuda":
+            torch.cuda.synchronize()
+        if r >= 2:
+            times[two_pass].append(time.perf_counter() - t0)
+    fused, two = (sum(v) / len(v) for v in (times[False], times[True]))
+    base_bytes = sum(p.numel() * p.element_size() for n, p in m.tr.named_parameters() if "lora_" not in n)
+    res = {"model": cfg.model, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "tasks": len(tasks),
+           "rounds_each": cfg.steps, "device": str(m.device),
+           "round_s_fused": round(fused, 4), "round_s_two_pass": round(two, 4), "two_pass_over_fused": round(two / fused, 3),
+           "peak_mb_one_adapter": round(mb(alone["peak"]), 1), "peak_mb_M_teachers": round(mb(multi["peak"]), 1),
+           "adapter_mb": round(mb(sum(p.numel() * p.element_size() for p in params)), 3),
+           "teacher_adapters_mb": round(mb(teacher_bytes), 3), "transformer_mb": round(mb(base_bytes), 3)}
+    if rank == 0:
+        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.num_steps} steps "
+               f"({m.device}): round fused {fused:.3f}s, two-pass {two:.3f}s (x{two / fused:.2f}); peak memory "
+               f"{mb(alone['peak']):.0f} MB one adapter alone, {mb(multi['peak']):.0f} MB with {len(tasks)} teacher "
+               f"adapters ({mb(teacher_bytes):.2f} MB of adapter weights; a transformer copy is {mb(base_bytes):.2f} MB)")
+        os.makedirs(cfg.out, exist_ok=True)
+        write_text(os.path.join(cfg.out, "bench.json"), json.dumps(res, indent=1))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 def preflight(cfg, stages, task_names):
@@ -1260,7 +1378,7 @@ def run(cfg):
     task_names = [base.task] if cfg.stage == "teacher" else [t for t in base.tasks.split(",") if t]
     if cfg.stage == "distill" and cfg.teachers:
         task_names = list(parse_pairs(cfg.teachers, "--teachers"))
-    tasks = [make_task(n, base) for n in task_names]
+    tasks = [make_task(n, base, device) for n in task_names]
     say(rank, "config: " + json.dumps(dataclasses.asdict(base)))
     m = SD3(load_pipeline(base, device, rank, world), base, device)
     for t in tasks:
@@ -1278,6 +1396,8 @@ def run(cfg):
             dirs = parse_pairs(c.teachers, "--teachers") if c.teachers else \
                 {t.name: os.path.join(c.out, f"teacher-{t.name}") for t in tasks}
             distill(c, m, tasks, dirs, rank, world)
+        elif stage == "bench":
+            result = bench(c, m, tasks, rank, world)
         else:
             result = evaluate(c, m, tasks, rank, world, parse_pairs(c.lora, "--lora"))
     return result

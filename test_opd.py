@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the network
 from torch.distributions import Normal
 
 import opd
@@ -229,6 +231,17 @@ def test_script_tiny_end_to_end(tmp_path):
     assert r.returncode == 0 and "reused" in r.stdout
 
 
+def test_bench_stage_prints_and_writes_numbers(tmp_path):
+    r = run("--stage", "bench", "--steps", "1", "--batch_size", "4", "--num_steps", "3", "--tasks", "color,jpeg",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    b = json.load(open(tmp_path / "bench.json"))
+    assert b["round_s_fused"] > 0 and b["round_s_two_pass"] > 0 and b["tasks"] == 2
+    assert b["peak_mb_one_adapter"] > 0 and b["peak_mb_M_teachers"] > 0
+    assert b["teacher_adapters_mb"] == pytest.approx(2 * b["adapter_mb"], abs=2e-3)  # 2 teachers, 1 student shape
+    assert "two-pass" in r.stdout and "teacher adapters" in r.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--noise_level", "-1"], "noise_level"),
     (["--stage", "bogus"], "unknown stage"),
@@ -238,6 +251,10 @@ def test_script_tiny_end_to_end(tmp_path):
     (["--stage", "teacher", "--task", "ocr", "--prompts", "/nonexistent.txt"], "not found"),
     (["--stage", "teacher", "--reward", "nope"], "unknown reward"),
     (["--model", "/nonexistent/sd3-folder", "--stage", "teacher"], "cannot load model"),
+    (["--stage", "teacher", "--reward", "clipscore"], "openai/clip-vit-large-patch14"),
+    (["--stage", "teacher", "--task", "geneval", "--prompts", "README.md"], "GenEval metadata"),
+    (["--stage", "teacher", "--task", "geneval", "--prompts", "requirements.txt.jsonl"], "not found"),
+    (["--stage", "teacher", "--task", "ocr", "--prompts", "requirements.txt"], "no quoted text"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, tmp_path):
     r = run(*args, "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1"}, timeout=120)
@@ -402,3 +419,214 @@ def test_ocr_reads_rendered_text_offline():
     for t, got in zip(texts[1:3], r[1:3]):  # a misspelled render scores as its edit distance predicts
         want = 1 - rewards._levenshtein(t.lower().replace(" ", ""), "helloworld") / len("helloworld")
         assert abs(got.item() - want) < 1e-6, (t, got, want)
+
+
+def _tiny_clip(d, seed=0):
+    """A tiny random transformers CLIP saved as a model folder (no download): model, the toy
+    byte-level tokenizer, a 32 px image processor; plus a random aesthetic head."""
+    import rewards
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    torch.manual_seed(seed)
+    tok = opd._toy_tokenizer()
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1, hidden_act="gelu"),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
+                     projection_dim=16, logit_scale_init_value=math.log(50.0))
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    torch.save(rewards.AestheticMLP(16).state_dict(), os.path.join(d, rewards.AESTHETIC_HEAD[1]))
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("clip"))
+    model, tok = _tiny_clip(d)
+    g = torch.Generator().manual_seed(1)
+    images = (torch.randint(0, 256, (5, 3, 32, 32), generator=g) / 255).float()  # exact uint8 values
+    prompts = ["a red cat", "a blue dog on the left", "a green car", "a plain picture of a bird", ""]
+    with torch.no_grad():  # the reference: CLIPModel's own forward on CLIPProcessor inputs
+        from transformers import CLIPImageProcessor
+        px = CLIPImageProcessor.from_pretrained(d)([(im * 255).round().byte().permute(1, 2, 0).numpy()
+                                                    for im in images], return_tensors="pt").pixel_values
+        t = tok(prompts, padding="max_length", max_length=77, return_tensors="pt")
+        out = model(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=px)
+    return d, model, images, prompts, out
+
+
+@pytest.mark.parametrize("name,scale", [("pickscore", 1 / 26), ("clipscore", 1 / 30), ("hpsv2", None)])
+def test_clip_family_scores_and_scaling(tiny_clip, name, scale):
+    import rewards
+    d, model, images, prompts, out = tiny_clip
+    fn = rewards.load(f"{name}={d}")
+    r = fn(images, prompts)
+    logits = out.logits_per_image.diagonal()  # exp(logit_scale) * cos
+    want = logits * scale if scale else logits / model.logit_scale.exp()
+    assert r.shape == (5,) and torch.allclose(r, want, atol=1e-5), (r, want)
+    assert torch.equal(fn(images, prompts), r)  # deterministic
+    parts = torch.cat([fn(images[:1], prompts[:1]), fn(images[1:], prompts[1:])])
+    assert torch.allclose(parts, r, atol=1e-6)  # batch-size invariant
+    assert r.std() > 0  # the prompts and images matter
+
+
+def test_aesthetic_head_on_clip_image_embedding(tiny_clip):
+    import rewards
+    d, model, images, prompts, out = tiny_clip
+    fn = rewards.load(f"aesthetic={d}")
+    head = rewards.AestheticMLP(16)
+    head.load_state_dict(torch.load(os.path.join(d, rewards.AESTHETIC_HEAD[1])))
+    with torch.no_grad():
+        want = head.eval()(out.image_embeds).squeeze(-1)  # CLIPModel's image_embeds are unit-norm
+    r = fn(images, ["anything"] * 5)
+    assert torch.allclose(r, want, atol=1e-5) and torch.allclose(fn(images, [""] * 5), r)
+
+
+def test_hpsv2_open_clip_checkpoint_converted(tiny_clip, tmp_path):
+    """HPSv2.1 ships an open_clip checkpoint: written here in open_clip's layout from the tiny
+    CLIP (fused q/k/v in-projection, x @ proj matrices), it must load and score the same."""
+    import shutil
+    import rewards
+    d, model, images, prompts, out = tiny_clip
+    sd, oc = model.state_dict(), {"logit_scale": model.logit_scale.detach()}
+    for tower, src, n in [("visual.", "vision_model.", 2), ("", "text_model.", 2)]:
+        for i in range(n):
+            a, b = f"{src}encoder.layers.{i}.", f"{tower}transformer.resblocks.{i}."
+            for w in ("weight", "bias"):
+                oc[f"{b}attn.in_proj_{w}"] = torch.cat([sd[f"{a}self_attn.{p}_proj.{w}"] for p in "qkv"])
+                for x, y in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+                    oc[f"{b}{y}.{w}"] = sd[f"{a}{x}.{w}"]
+    e = "vision_model.embeddings."
+    oc.update({"visual.conv1.weight": sd[e + "patch_embedding.weight"], "visual.class_embedding": sd[e + "class_embedding"],
+               "visual.positional_embedding": sd[e + "position_embedding.weight"],
+               "visual.proj": sd["visual_projection.weight"].t(), "text_projection": sd["text_projection.weight"].t(),
+               "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+               "positional_embedding": sd["text_model.embeddings.position_embedding.weight"]})
+    for x, y in [("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+                 ("text_model.final_layer_norm", "ln_final")]:
+        for w in ("weight", "bias"):
+            oc[f"{y}.{w}"] = sd[f"{x}.{w}"]
+    hps = tmp_path / "hps"
+    shutil.copytree(d, hps)
+    for f in os.listdir(hps):
+        if f.endswith(".safetensors"):
+            os.remove(hps / f)  # only the open_clip checkpoint holds weights now
+    torch.save({"state_dict": oc}, hps / rewards.HPS_FILE)
+    r = rewards.load(f"hpsv2={hps}")(images, prompts)
+    assert torch.allclose(r, out.logits_per_image.diagonal() / model.logit_scale.exp(), atol=1e-5)
+
+
+def test_reward_mixture_weights_and_bad_specs():
+    import rewards
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    kb = rewards.jpeg_incompressibility(images)
+    mix = rewards.load("jpeg_compressibility:1,jpeg_incompressibility:3")  # (-kb + 3 kb) / 4
+    assert torch.allclose(mix(images, [""] * 3), kb / 2, atol=1e-6)
+    prompts = ["a red cat", "a blue dog", "a green car"]
+    both = rewards.load("color:2,jpeg:1")
+    want = (2 * rewards.color(images, prompts) - kb) / 3
+    assert torch.allclose(both(images, prompts), want, atol=1e-6)
+    for bad, says in [("nope", "unknown reward"), ("color:x", "bad weight"), ("color:-1", "positive"),
+                      ("color:0", "positive"), ("", "empty"), (" , ", "empty"), ("color=some/model", "no model")]:
+        with pytest.raises(ValueError, match=says):
+            rewards.load(bad)
+
+
+def test_reward_offline_error_names_the_model(tmp_path):
+    """No network: the first call (or --time) stops with one line naming the model id."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for spec, model_id in [("clipscore", "openai/clip-vit-large-patch14"), ("pickscore", "yuvalkirstain/PickScore_v1"),
+                           ("geneval", "facebook/mask2former-swin-small-coco-instance"),
+                           ("hpsv2", "xswu/HPSv2/HPS_v2.1_compressed.pt")]:
+        r = subprocess.run([sys.executable, "rewards.py", "--time", spec], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and model_id in lines[0] and "network" in lines[0], r.stderr
+    r = subprocess.run([sys.executable, "rewards.py", "--list"], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0 and all(n in r.stdout for n in ["ocr", "pickscore", "hpsv2", "geneval", "aesthetic"])
+
+
+# GenEval rules on synthetic detections (no detector)
+def _det(cls, box, score=0.95):
+    return {"class": cls, "score": score, "box": box, "mask": None}
+
+
+def _geneval(dets, meta, colours=None):
+    import rewards
+    objects = rewards.geneval_select(dets, meta.get("tag"))
+    return rewards.geneval_check(objects, meta, lambda c, ds: [colours[id(d)] for d in ds] if colours else [])
+
+
+def test_geneval_counting():
+    meta = {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
+    dogs = [_det("dog", (10 * i, 0, 10 * i + 8, 8)) for i in range(5)]
+    assert _geneval(dogs[:3], meta)[0]
+    assert not _geneval(dogs[:2], meta)[0]                                   # too few
+    ok, why = _geneval(dogs[:4], meta)
+    assert not ok and "dog < 4" in why                                       # too many
+    assert not _geneval(dogs[:2] + [_det("dog", (60, 0, 68, 8), 0.5)], meta)[0]  # counting needs 0.9
+    assert _geneval(dogs[:3] + [_det("cat", (0, 20, 8, 28))], meta)[0]       # other classes do not count
+
+
+def test_geneval_position():
+    meta = {"tag": "position", "include": [{"class": "bench", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    bench = _det("bench", (60, 40, 90, 60))
+    assert _geneval([bench, _det("dog", (0, 40, 30, 60))], meta)[0]
+    assert not _geneval([bench, _det("dog", (95, 40, 120, 60))], meta)[0]  # right of it
+    assert not _geneval([bench, _det("dog", (50, 40, 80, 60))], meta)[0]   # overlapping: no clear relation
+    assert not _geneval([_det("dog", (0, 40, 30, 60))], meta)[0]           # no target
+    assert not _geneval([bench, _det("dog", (0, 40, 30, 60), 0.2)], meta)[0]  # below 0.3 confidence
+    import rewards
+    assert rewards.relative_position((0, 0, 10, 10), (0, 50, 10, 60)) == {"above"}
+    assert rewards.relative_position((40, 40, 50, 50), (0, 0, 10, 10)) == {"right of", "below"}
+
+
+def test_geneval_colour_attribution():
+    meta = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                             {"class": "bench", "count": 1, "color": "blue"}]}
+    car, bench = _det("car", (0, 0, 10, 10)), _det("bench", (20, 0, 30, 10))
+    assert _geneval([car, bench], meta, {id(car): "red", id(bench): "blue"})[0]
+    ok, why = _geneval([car, bench], meta, {id(car): "blue", id(bench): "red"})
+    assert not ok and "red car" in why and "blue bench" in why            # colours swapped
+    assert not _geneval([car], meta, {id(car): "red"})[0]                  # the bench is missing
+
+
+def test_geneval_detector_code_path(tiny_clip, tmp_path):
+    """The transformers Mask2Former path on a tiny random detector whose class head is forced to
+    'dog': dogs are found (boxes inside the image), cats are not, colours come from CLIP."""
+    import rewards
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+    torch.manual_seed(0)
+    names = ["person", "dog", "cat", "bench"]
+    cfg = Mask2FormerConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1] * 4, num_heads=[1] * 4,
+                                   window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"]),
+        hidden_dim=32, feature_size=32, mask_feature_dim=32, num_queries=8, encoder_layers=1, decoder_layers=2,
+        encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2, common_stride=4,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    det = Mask2FormerForUniversalSegmentation(cfg).eval()
+    with torch.no_grad():
+        det.class_predictor.weight.zero_()
+        det.class_predictor.bias.fill_(-10).index_fill_(0, torch.tensor([1]), 10.0)  # always 'dog'
+    det.save_pretrained(tmp_path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(tmp_path)
+    fn = rewards.GenEval(str(tmp_path), clip_id=tiny_clip[0])
+    images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    dets = fn.detect(images)
+    assert all(d and all(x["class"] == "dog" and x["score"] > 0.3 for x in d) for d in dets)
+    assert all(0 <= x["box"][0] < x["box"][2] <= 48 and 0 <= x["box"][1] < x["box"][3] <= 48 for d in dets for x in d)
+    want_dog = {"tag": "single_object", "include": [{"class": "dog", "count": 1}]}
+    want_cat = {"tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+    r = fn(images, ["a photo of a dog", "a photo of a cat"], [want_dog, want_cat])
+    assert r.tolist() == [1.0, 0.0]
+    colours = fn.colours(images[0], "dog", dets[0])
+    assert len(colours) == len(dets[0]) and set(colours) <= set(rewards.GENEVAL_COLORS)
+    with pytest.raises(ValueError, match="GenEval metadata"):
+        fn(images, ["a dog", "a cat"], [{}, {}])
