@@ -6,9 +6,10 @@ config -> maths -> models -> tasks -> checkpoints -> stage 1 (teachers) -> stage
 
 Run manual
 ----------
-Tiny, offline, CPU (an SD3 built from configs, pretrained ~40 s once on toy images, toy rewards):
-    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~5 min
+Tiny, offline, CPU (an SD3 built from configs, pretrained ~60 s once on toy images, toy rewards):
+    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~4-5 min
     python opd.py --stage teacher --task color --out runs/x          # one teacher, ~45 s
+    python opd.py --stage bench        # fused vs --two_pass round time, memory of M teachers
     torchrun --nproc_per_node=2 opd.py --stage teacher --task color --out runs/y
     python opd.py --stage distill --teachers color=runs/tiny/teacher-color,... --out runs/tiny
     python opd.py --stage eval --out runs/tiny          # eval.json, eval.md, samples.png
@@ -28,7 +29,7 @@ Simplifications (and why)
    used DiffusionNFT for its GenEval teacher. Any teacher LoRA can be passed to stage 2.
 3. Per-step losses are averaged over latent elements (as the public code), not summed (as the
    paper's equations): a constant factor per resolution, absorbed by Adam.
-4. The tiny default model is built from configs and pretrained for ~40 s on synthetic captioned
+4. The tiny default model is built from configs and pretrained for ~60 s on synthetic captioned
    images (cached); its tasks have toy rewards (colour, position, JPEG size). Its numbers show
    that the machinery works, not what SD3.5 reaches.
 """
@@ -75,11 +76,11 @@ class Config:
     max_seq_len: int = _f(None, "T5 tokens (tiny 8, others 128)")
     lora_rank: int = _f(32, "LoRA rank r")
     lora_alpha: int = _f(64, "LoRA alpha")
-    lr: float = _f(None, "AdamW learning rate (teacher 1e-4, distill 3e-4; tiny: 3e-3)")
+    lr: float = _f(None, "AdamW learning rate (teacher 1e-4, distill 3e-4; tiny: 1e-3, 3e-3)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient norm clip")
-    batch_size: int = _f(None, "images per optimizer step and task, over all ranks (tiny 32)")
-    group_size: int = _f(None, "teacher: images per prompt, one GRPO group (tiny 8, paper 24)")
+    batch_size: int = _f(None, "images per optimizer step and task, over all ranks (tiny 32, distill 16)")
+    group_size: int = _f(None, "teacher: images per prompt, one GRPO group (tiny 16, paper 24)")
     clip_range: float = _f(2e-6, "teacher: PPO clip range on the (normalised) ratio")
     inner_epochs: int = _f(1, "teacher: optimizer steps on each sampled batch")
     no_ratio_norm: bool = _f(False, "teacher: plain Flow-GRPO ratio (no RatioNorm, no 1/|dt|)")
@@ -99,9 +100,9 @@ class Config:
 STAGE_DEFAULTS = {  # field -> {stage or (stage, model kind): value}; "*" for any stage
     "noise_level": {"teacher": 0.7, "distill": 0.0, "*": 0.0},
     "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, "teacher": 1000, "distill": 1000, "bench": 3, "*": 0},
-    "lr": {("teacher", "tiny"): 3e-3, ("distill", "tiny"): 3e-3, "teacher": 1e-4, "distill": 3e-4, "*": 0.0},
-    "batch_size": {"tiny": 32, "*": 24},
-    "group_size": {"tiny": 8, "*": 24},
+    "lr": {("teacher", "tiny"): 1e-3, ("distill", "tiny"): 3e-3, "teacher": 1e-4, "distill": 3e-4, "*": 0.0},
+    "batch_size": {("distill", "tiny"): 16, "tiny": 32, "*": 24},
+    "group_size": {"tiny": 16, "*": 24},
     "resolution": {"tiny": 32, "*": 512},
     "max_seq_len": {"tiny": 8, "*": 128},
 }
