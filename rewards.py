@@ -323,7 +323,7 @@ class ImageReward:
     def __init__(self, model_id=None, device="cpu"):
         self.model_id, self.device, self.model = model_id or "ImageReward-v1.0", device, None
 
-    def __call__(self, images, prompts, metadata=None):
+    def load(self):
         if self.model is None:
             try:
                 import ImageReward as RM
@@ -331,6 +331,10 @@ class ImageReward:
                 raise RewardError("the 'imagereward' reward needs its own package: pip install image-reward "
                                   "(not in requirements.txt: it pins its own timm/BLIP stack)") from None
             self.model = _load("imagereward", self.model_id, lambda: RM.load(self.model_id, device=str(self.device)))
+        return self
+
+    def __call__(self, images, prompts, metadata=None):
+        self.load()
         from PIL import Image
         with torch.no_grad():
             return torch.tensor([float(self.model.score(p, [Image.fromarray(im)]))

@@ -268,6 +268,7 @@ def test_bench_stage_prints_and_writes_numbers(tmp_path):
     (["--stage", "teacher", "--reward", "nope"], "unknown reward"),
     (["--model", "/nonexistent/sd3-folder", "--stage", "teacher"], "cannot load model"),
     (["--stage", "teacher", "--reward", "clipscore"], "openai/clip-vit-large-patch14"),
+    (["--stage", "teacher", "--reward", "imagereward"], "pip install image-reward"),
     (["--stage", "teacher", "--task", "geneval", "--prompts", "README.md"], "GenEval metadata"),
     (["--stage", "teacher", "--task", "geneval", "--prompts", "requirements.txt.jsonl"], "not found"),
     (["--stage", "teacher", "--task", "ocr", "--prompts", "requirements.txt"], "no quoted text"),
