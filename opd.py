@@ -755,11 +755,12 @@ TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
 
 def toy_prompts(name):
     """The toy tasks' prompts, generated; a fixed split: every 4th prompt is held out."""
-    from rewards import COLORS, SIDES, SUBJECTS
+    from rewards import COLORS, SUBJECTS
     if name == "color":
         ps = [f"a {c} {s}" for c in COLORS for s in SUBJECTS]
-    elif name == "position":
-        ps = [f"a bright {s} on the {side}" for side in SIDES for s in SUBJECTS]
+    elif name == "position":  # left/right only: with top/bottom too, a teacher traded one for the other
+        ps = [f"a {w} {s} on the {side}" for side in ("left", "right") for s in SUBJECTS
+              for w in ("bright", "red", "green", "blue")]
     else:
         ps = [f"a {adj} picture of a {s}" for adj in TOY_ADJECTIVES for s in SUBJECTS]
     return [p for i, p in enumerate(ps) if i % 4], ps[::4]
