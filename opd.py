@@ -385,8 +385,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def _quiet_hf():
     import warnings
     from diffusers.utils import logging as dl
-    from transformers.utils import logging as tl
-    dl.set_verbosity_error(); tl.set_verbosity_error(); dl.disable_progress_bar()
+    from rewards import _quiet
+    _quiet()  # transformers: errors only, no progress bars
+    dl.set_verbosity_error(); dl.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # M adapters, on purpose
 
@@ -1301,46 +1302,41 @@ def bench(cfg, m, tasks, rank, world):
     adapters (random, B != 0); then seconds per round, fused against --two_pass, alternating
     rounds after one warm-up each. Prints a table and writes <out>/bench.json."""
     mb = lambda b: b / 2**20
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
     params = m.trainable = add_lora(m.tr, "student", cfg)
-    m.active = "?"
-    run = lambda teacher_of, two_pass=False, step=0: distill_round(
-        dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world, m.tr, Timer(m.device),
-        teacher_of, {})
+
+    def run(teacher_of, two_pass=False, step=0):  # one round, gradients dropped; seconds
+        for p in params:
+            p.grad = None
+        m.active, tm = "?", Timer(m.device)
+        with tm("round"):
+            distill_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world, m.tr, tm,
+                          teacher_of, {})
+        return tm.t["round"]
     with peak_memory(m.device) as alone:
         run(lambda t: None)
-    teacher_bytes = 0
+    teachers = []
     for t in tasks:  # M teachers: adapters on the same transformer, B randomised
         add_lora(m.tr, f"teacher-{t.name}", cfg)
-        for n, p in m.tr.named_parameters():
-            if f"teacher-{t.name}" in n:
-                if "lora_B" in n:
-                    torch.nn.init.normal_(p.data, std=0.01)
-                teacher_bytes += p.numel() * p.element_size()
-    m.active = "?"
-    for p in params:
-        p.grad = None
+        teachers += [p for n, p in m.tr.named_parameters() if f"teacher-{t.name}" in n]
+    for n, p in m.tr.named_parameters():
+        if "lora_B.teacher-" in n:
+            torch.nn.init.normal_(p.data, std=0.01)
     with peak_memory(m.device) as multi:
         run(lambda t: f"teacher-{t.name}")
     times = {False: [], True: []}
-    for r in range(2 * cfg.steps + 2):
-        two_pass = bool(r % 2)
-        for p in params:
-            p.grad = None
-        if m.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(lambda t: f"teacher-{t.name}", two_pass, step=r)
-        if m.device.type == "cuda":
-            torch.cuda.synchronize()
+    for r in range(2 * cfg.steps + 2):  # alternate; the first round of each is a warm-up
+        dt = run(lambda t: f"teacher-{t.name}", bool(r % 2), step=r)
         if r >= 2:
-            times[two_pass].append(time.perf_counter() - t0)
+            times[bool(r % 2)].append(dt)
     fused, two = (sum(v) / len(v) for v in (times[False], times[True]))
-    base_bytes = sum(p.numel() * p.element_size() for n, p in m.tr.named_parameters() if "lora_" not in n)
+    teacher_bytes = nbytes(teachers)
+    base_bytes = nbytes(p for n, p in m.tr.named_parameters() if "lora_" not in n)
     res = {"model": cfg.model, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "tasks": len(tasks),
            "rounds_each": cfg.steps, "device": str(m.device),
            "round_s_fused": round(fused, 4), "round_s_two_pass": round(two, 4), "two_pass_over_fused": round(two / fused, 3),
            "peak_mb_one_adapter": round(mb(alone["peak"]), 1), "peak_mb_M_teachers": round(mb(multi["peak"]), 1),
-           "adapter_mb": round(mb(sum(p.numel() * p.element_size() for p in params)), 3),
+           "adapter_mb": round(mb(nbytes(params)), 3),
            "teacher_adapters_mb": round(mb(teacher_bytes), 3), "transformer_mb": round(mb(base_bytes), 3)}
     if rank == 0:
         say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.num_steps} steps "

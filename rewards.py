@@ -31,6 +31,15 @@ class RewardError(RuntimeError):
     """A reward's model or package is not available: one line that says how to get it."""
 
 
+def _package(name, module, pip):
+    """An optional package a reward needs, imported on first use, or one line saying how to get it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RewardError(f"the {name!r} reward needs {module}: pip install {pip}") from None
+
+
 # ---------------------------------------------------------------------------- toy (tiny model)
 COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
           "cyan": (0, 1, 1), "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0)}
@@ -115,12 +124,7 @@ class OCR:
 
     def load(self):
         if self.engine is None:
-            try:
-                from rapidocr_onnxruntime import RapidOCR
-            except ImportError:
-                raise RewardError("the 'ocr' reward needs rapidocr-onnxruntime: "
-                                  "pip install rapidocr-onnxruntime") from None
-            self.engine = RapidOCR()
+            self.engine = _package("ocr", "rapidocr_onnxruntime", "rapidocr-onnxruntime").RapidOCR()
         return self
 
     def __call__(self, images, prompts, metadata=None):
@@ -325,11 +329,8 @@ class ImageReward:
 
     def load(self):
         if self.model is None:
-            try:
-                import ImageReward as RM
-            except ImportError:
-                raise RewardError("the 'imagereward' reward needs its own package: pip install image-reward "
-                                  "(not in requirements.txt: it pins its own timm/BLIP stack)") from None
+            RM = _package("imagereward", "ImageReward", "image-reward (not in requirements.txt: it pins its own "
+                          "timm/BLIP stack)")
             self.model = _load("imagereward", self.model_id, lambda: RM.load(self.model_id, device=str(self.device)))
         return self
 
