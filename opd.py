@@ -199,7 +199,8 @@ def sde_step(x, v, t, t_next, noise_level, noise=None, generator=None):
     if noise_level == 0:
         return mu, mu, std
     if noise is None:
-        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+        dev = generator.device if generator is not None else mu.device  # a CPU generator on a GPU run
+        noise = torch.randn(mu.shape, generator=generator, device=dev, dtype=torch.float32).to(mu.device)
     # x_{j+1} = mu_j + std_j eps_j,  eps_j ~ N(0, I)
     return mu + _bcast(std, mu) * noise, mu, std
 
