@@ -203,8 +203,9 @@ def test_saved_lora_loads_into_fresh_pipeline(tiny, tmp_path):
     m2 = opd.SD3(pipe, cfg, torch.device("cpu"))
     m2.active = pipe.transformer.active_adapters()[0]
     out = m2.velocity(m2.active, ["a red cat", "a blue car"], 4.5)(x, torch.tensor(0.5))
-    assert not torch.allclose(ref, base, atol=1e-4)  # the adapter matters ...
-    assert torch.allclose(out, ref, atol=1e-5)  # ... and is reproduced, alpha included
+    # fp32 velocities up to ~35, rounding amplified by CFG 4.5: equal to 1e-4 (measured 2e-5)
+    assert not torch.allclose(ref, base, rtol=1e-3, atol=1e-3)  # the adapter matters ...
+    assert torch.allclose(out, ref, atol=1e-4)  # ... and is reproduced, alpha included
 
 
 # ------------------------------------------------------------------------------------- the script
