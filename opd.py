@@ -78,7 +78,7 @@ class Config:
     max_seq_len: int = _f(None, "T5 tokens (tiny 8, others 128)")
     lora_rank: int = _f(32, "LoRA rank r")
     lora_targets: str = _f(None, "LoRA target modules, comma-separated (the paper's: attention projections; "
-                                 "tiny distill adds the AdaLN layers)")
+                                 "tiny distill adds the AdaLN and text projections)")
     lora_alpha: int = _f(64, "LoRA alpha")
     lr: float = _f(None, "AdamW learning rate (teacher 1e-4, distill 3e-4; tiny: 1e-3, 3e-3)")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
@@ -103,6 +103,9 @@ class Config:
     device: str = _f("auto", "auto | cpu | cuda")
 
 
+# the paper's LoRA targets (peft matches name suffixes: attn and attn2 of dual-attention blocks)
+ATTN_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+
 STAGE_DEFAULTS = {  # field -> {stage or (stage, model kind): value}; "*" for any stage
     "noise_level": {"teacher": 0.7, "distill": 0.0, "*": 0.0},
     "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, "teacher": 1000, "distill": 1000, "bench": 3, "*": 0},
@@ -115,10 +118,9 @@ STAGE_DEFAULTS = {  # field -> {stage or (stage, model kind): value}; "*" for an
     # student, which must hold all M teachers in one adapter, also adapts the prompt's way in: the
     # AdaLN modulation (pooled prompt and time) and the text projections. With attention alone it
     # kept 79-82% of the jpeg teacher's gain, 99% when distilled from that teacher alone.
-    "lora_targets": {("distill", "tiny"): "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
-                                          "norm1.linear,norm1_context.linear,norm_out.linear,"
-                                          "context_embedder,text_embedder.linear_1,text_embedder.linear_2",
-                     "*": "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"},
+    "lora_targets": {("distill", "tiny"): ATTN_TARGETS + ",norm1.linear,norm1_context.linear,norm_out.linear,"
+                                                         "context_embedder,text_embedder.linear_1,text_embedder.linear_2",
+                     "*": ATTN_TARGETS},
     "ema": {"*": 0.9},
     "ema_every": {"tiny": 1, "*": 8},
 }
@@ -399,7 +401,6 @@ def rng(*key):
 # ----------------------------------------------------------------------------------------------
 # models: the real SD3 pipeline from the hub / a folder, or the same classes built from configs
 # ----------------------------------------------------------------------------------------------
-# the paper's LoRA targets (peft matches name suffixes: attn and attn2 of dual-attention blocks)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -955,7 +956,7 @@ class EMA:
 
     @torch.no_grad()
     def step(self, s):
-        if s % self.every == 0:
+        if self.decay > 0 and s % self.every == 0:
             d = min((1 + s) / (10 + s), self.decay)
             for e, p in zip(self.shadow, self.params):
                 e.lerp_(p.detach(), 1 - d)
@@ -1360,7 +1361,7 @@ def bench(cfg, m, tasks, rank, world):
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
     params = m.trainable = add_lora(m.tr, "student", cfg)
 
-    def run(teacher_of, two_pass=False, step=0):  # one round, gradients dropped; seconds
+    def round_s(teacher_of, two_pass=False, step=0):  # one round, gradients dropped; seconds
         for p in params:
             p.grad = None
         m.active, tm = "?", Timer(m.device)
@@ -1369,7 +1370,7 @@ def bench(cfg, m, tasks, rank, world):
                           teacher_of, {})
         return tm.t["round"]
     with peak_memory(m.device) as alone:
-        run(lambda t: None)
+        round_s(lambda t: None)
     teachers = []
     for t in tasks:  # M teachers: adapters on the same transformer, B randomised
         add_lora(m.tr, f"teacher-{t.name}", cfg)
@@ -1378,10 +1379,10 @@ def bench(cfg, m, tasks, rank, world):
         if "lora_B.teacher-" in n:
             torch.nn.init.normal_(p.data, std=0.01)
     with peak_memory(m.device) as multi:
-        run(lambda t: f"teacher-{t.name}")
+        round_s(lambda t: f"teacher-{t.name}")
     times = {False: [], True: []}
     for r in range(2 * cfg.steps + 2):  # alternate; the first round of each is a warm-up
-        dt = run(lambda t: f"teacher-{t.name}", bool(r % 2), step=r)
+        dt = round_s(lambda t: f"teacher-{t.name}", bool(r % 2), step=r)
         if r >= 2:
             times[bool(r % 2)].append(dt)
     fused, two = (sum(v) / len(v) for v in (times[False], times[True]))
