@@ -1458,6 +1458,7 @@ def run(cfg):
 
 
 def main(argv=None):
+    code = 0
     try:
         cfg = parse_config(argv)
         t0 = time.time()
@@ -1465,7 +1466,18 @@ def main(argv=None):
         say(int(os.environ.get("RANK", 0)), f"done in {time.time() - t0:.0f}s")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
+    if torch.distributed.is_initialized():
+        # Leave without interpreter shutdown. DDP's reducer keeps the process group (and gloo's
+        # worker threads) alive to the end; a worker still releasing the last collective's
+        # tensors needs the GIL, and during shutdown that aborts the process (SIGABRT after a
+        # good run, in 2-17% of 2-rank CPU runs measured). Everything is written and closed.
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
