@@ -242,7 +242,7 @@ def test_reduced_run_teacher_beats_base_and_student_keeps_it(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     table = json.load(open(os.path.join(out, "eval.json")))
     base, teacher, student = (table[k]["position"] for k in ("base", "teacher-position", "student"))
-    assert teacher - base > 0.03, table  # measured: +0.076 (0.540 -> 0.616), student +0.083
+    assert teacher - base > 0.03, table  # measured: +0.077 (0.540 -> 0.616), student +0.083, 3 fresh models
     assert student - base > 0.5 * (teacher - base), table
 
 
