@@ -2,20 +2,24 @@
 DiffusionOPD: on-policy distillation of several RL-trained teachers into one flow-matching
 text-to-image student (Stable Diffusion 3 / 3.5). One file, read top to bottom:
 config -> maths -> models -> tasks -> checkpoints -> stage 1 (teachers) -> stage 2 (distill)
--> eval -> main.
+-> eval -> main. The paper's baselines live in baselines.py, the speed and memory bench in
+bench.py, the offline stand-in models in tiny.py, the built-in prompt sets in prompts.py; every
+one of them is reached through this script's --stage.
 
 Run manual
 ----------
 Tiny, offline, CPU (an SD3 built from configs, pretrained ~60 s once on toy images, toy rewards):
-    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~4-5 min
+    python opd.py                      # teachers for color/position/jpeg, distill, eval: ~4-6 min
     python opd.py --stage teacher --task color --out runs/x          # one teacher, ~35 s
-    python opd.py --stage bench        # fused vs --two_pass round time, memory of M teachers
+    python opd.py --stage teacher --task color --algo nft            # a DiffusionNFT teacher
+    python opd.py --stage compare      # the paper's Table 1 and distillation methods, tiny (<20 min)
+    python opd.py --stage noise        # distillation rollouts at a = 0, 0.3, 0.7
+    python opd.py --stage bench        # round time, FLOPs, saved bytes, peak memory
     torchrun --nproc_per_node=2 opd.py --stage teacher --task color --out runs/y
-    python opd.py --stage distill --teachers color=runs/tiny/teacher-color,... --out runs/tiny
     python opd.py --stage eval --out runs/tiny          # eval.json, eval.md, samples.png
-One GPU, the real SD3.5-Medium (weights from the hub or a local folder):
+One GPU, the real SD3.5-Medium (weights from the hub or a local folder; prompts built in):
     python opd.py --model stabilityai/stable-diffusion-3.5-medium --stage teacher --task ocr \
-        --prompts ocr_train.txt --test_prompts ocr_test.txt --resolution 512 ...
+        --grad_checkpointing
 Eight GPUs (the paper's stage 2):
     torchrun --nproc_per_node=8 opd.py --model stabilityai/stable-diffusion-3.5-medium \
         --stage distill --teachers geneval=DIR,ocr=DIR,aesthetic=DIR ...
@@ -25,16 +29,20 @@ Simplifications (and why)
 -------------------------
 1. Teachers and student are LoRA adapters on ONE transformer (peft); switching adapters switches
    models, so M teachers cost one model's memory.
-2. Stage 1 is GRPO-Guard (Flow-GRPO + RatioNorm + 1/|dt| reweighting) for every task; the paper
-   used DiffusionNFT for its GenEval teacher. Any teacher LoRA can be passed to stage 2.
+2. Stage 1 is GRPO-Guard (Flow-GRPO + RatioNorm + 1/|dt| reweighting) or DiffusionNFT (--algo
+   nft, the paper's GenEval teacher). NFT samples with the Euler ODE where the public code uses
+   a second-order deterministic solver. Any teacher LoRA can be passed to stage 2.
 3. Per-step losses are averaged over latent elements (as the public code), not summed (as the
    paper's equations): a constant factor per resolution, absorbed by Adam.
-4. The tiny default model is built from configs and pretrained for ~60 s on synthetic captioned
-   images (cached); its tasks have toy rewards (colour, position, JPEG size). Its numbers show
-   that the machinery works, not what SD3.5 reaches. There the student's LoRA also adapts the
-   AdaLN and text-projection layers (the teachers' is the paper's, attention only): one adapter of a
-   2-block model must hold three prompt-dependent behaviours (STAGE_DEFAULTS says what it bought).
+4. Prompt embeddings are computed when first needed and kept in a cache of bounded size; the
+   text encoders visit the GPU only to encode the prompts of the next steps (--text_encoders).
+5. The tiny default model (tiny.py) is built from configs and pretrained for ~60 s on synthetic
+   captioned images (cached); its tasks have toy rewards (colour, position, JPEG size). Its
+   numbers show that the machinery works, not what SD3.5 reaches. There the student's LoRA also
+   adapts the AdaLN and text-projection layers (the teachers' is the paper's, attention only):
+   one adapter of a 2-block model must hold three prompt-dependent behaviours.
 """
+import collections
 import contextlib
 import dataclasses
 import json
@@ -49,129 +57,207 @@ import torch
 
 
 # ----------------------------------------------------------------------------------------------
-# config: one flat dataclass; None means "the stage's default" (STAGE_DEFAULTS, printed resolved)
+# config: one flat dataclass. Every field states what it accepts (a Rule of options.py); check()
+# applies the rules and the relations between fields to the resolved config of every stage, before any
+# model loads. None means "the stage's default" (STAGE_DEFAULTS), printed resolved.
 # ----------------------------------------------------------------------------------------------
-def _f(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+from options import FLAG, UserError, check_fields, field as _f, names, num, one_of, pairs, path, text
+from checkpoint import (LORA_FILE, adapter_state, check_resume, checkpoints, load_checkpoint, prepare_run,
+                        save_checkpoint, write_text)
+
+
+TOY_TASKS = ("color", "position", "jpeg")
+REAL_TASKS = {  # task -> (training reward, evaluation reward)
+    "geneval": ("geneval_partial", "geneval"), "ocr": ("ocr", "ocr"),
+    "aesthetic": ("pickscore:1,clipscore:1,hpsv2:1",) * 2}
+TASKS = TOY_TASKS + tuple(REAL_TASKS)
+STAGES = ("all", "teacher", "distill", "eval", "joint", "cascade", "compare", "noise", "bench")
+LOSSES = ("closed", "ppo", "sft", "dance", "flow")
+
+
+def _steps_spec(s):
+    return bool(re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", s)) and bool(parse_steps(s, 0))
+
+
+def _reward_spec(s):
+    import rewards
+    rewards.load(s)  # a bad name or weight raises ValueError; nothing is loaded yet
+
+
+def _decay_spec(s):
+    flat, rate, cap = (float(x) for x in s.split(","))
+    return flat >= 0 and rate >= 0 and 0 <= cap < 1
 
 
 @dataclasses.dataclass
 class Config:
-    stage: str = _f("all", "teacher | distill | eval | all (teachers for --tasks, distill, eval) | bench")
-    task: str = _f("color", "the task of --stage teacher")
-    tasks: str = _f("color,position,jpeg", "comma-separated tasks of --stage all / eval")
-    teachers: str = _f("", "--stage distill: task=DIR,... (default: <out>/teacher-<task> for --tasks)")
-    lora: str = _f("", "--stage eval: extra NAME=DIR LoRAs to evaluate")
-    model: str = _f("tiny", "tiny | sd35m-random | a hub id or local folder of an SD3 pipeline")
-    out: str = _f("runs/tiny", "output folder")
-    prompts: str = _f("", "real tasks: train prompts (txt, one a line, or GenEval metadata jsonl)")
-    test_prompts: str = _f("", "real tasks: held-out prompts (default: every 10th of --prompts)")
-    reward: str = _f("", "reward spec overriding the task's (see rewards.py --list)")
-    steps: int = _f(None, "optimizer steps of the stage (teacher 60, distill 60 on tiny)")
-    seed: int = _f(0, "random seed (LoRA init, prompts and noise per step; the tiny model is fixed)")
-    noise_level: float = _f(None, "SDE noise level a (teacher 0.7, distill 0 = ODE)")
-    num_steps: int = _f(10, "sampler steps of training rollouts")
-    eval_steps: int = _f(40, "sampler steps of evaluation (ODE)")
-    guidance: float = _f(4.5, "classifier-free guidance scale (1 = off)")
-    teacher_guidance: str = _f("", "per-teacher CFG for distill targets, e.g. geneval=1.0")
-    resolution: int = _f(None, "image size in pixels (tiny 32, others 512)")
-    max_seq_len: int = _f(None, "T5 tokens (tiny 8, others 128)")
-    lora_rank: int = _f(32, "LoRA rank r")
-    lora_targets: str = _f(None, "LoRA target modules, comma-separated (the paper's: attention projections; "
-                                 "tiny distill adds the AdaLN and text projections)")
-    lora_alpha: int = _f(64, "LoRA alpha")
-    lr: float = _f(None, "AdamW learning rate (teacher 1e-4, distill 3e-4; tiny: 1e-3, 3e-3)")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "gradient norm clip")
-    batch_size: int = _f(None, "images per optimizer step and task, over all ranks (tiny: teacher 24, distill 16)")
-    group_size: int = _f(None, "teacher: images per prompt, one GRPO group (tiny 12, paper 24)")
-    clip_range: float = _f(2e-6, "teacher: PPO clip range on the (normalised) ratio")
-    inner_epochs: int = _f(1, "teacher: optimizer steps on each sampled batch")
-    no_ratio_norm: bool = _f(False, "teacher: plain Flow-GRPO ratio (no RatioNorm, no 1/|dt|)")
-    loss: str = _f("closed", "distill: closed (closed-form KL) | ppo (PPO-style surrogate)")
-    two_pass: bool = _f(False, "distill: roll out, then recompute (reference) instead of fused")
-    train_steps: str = _f("", "distill: sampler steps with a loss, e.g. 0-8 or 0,2,4 (default all but last)")
-    eval_batch: int = _f(16, "eval: images per forward")
-    eval_prompts: int = _f(0, "eval: use at most this many test prompts per task (0 = all)")
-    eval_seeds: int = _f(4, "eval: images per test prompt (GenEval uses 4)")
-    save_every: int = _f(20, "save a checkpoint every N optimizer steps (and at the end)")
-    resume: bool = _f(False, "continue from the latest checkpoint in the stage's folder")
-    overwrite: bool = _f(False, "redo a stage whose output exists")
-    max_bad_steps: int = _f(5, "abort after this many non-finite steps in a row")
-    ema: float = _f(None, "EMA decay of the trained LoRA, which is what gets saved and evaluated (0 = off; 0.9)")
-    ema_every: int = _f(None, "update the EMA every N optimizer steps (8 as Flow-GRPO; tiny 1)")
-    device: str = _f("auto", "auto | cpu | cuda")
+    stage: str = _f("all", one_of(*STAGES), "all (teacher, distill, eval) | teacher | distill | eval | joint | cascade | compare | noise | bench")
+    algo: str = _f("grpo_guard", one_of("grpo_guard", "nft"), "stage-1 RL (teachers, joint, cascade): grpo_guard | nft (DiffusionNFT)")
+    task: str = _f("color", one_of(*TASKS), "the task of --stage teacher")
+    tasks: str = _f("color,position,jpeg", names(TASKS), "comma-separated tasks of the multi-task stages")
+    teachers: str = _f("", pairs(TASKS, text()), "--stage distill: task=DIR,... (default: <out>/teacher-<task>)")
+    lora: str = _f("", pairs(None, text()), "--stage eval: extra NAME=DIR LoRAs to evaluate")
+    model: str = _f("tiny", text(), "tiny | sd35m-random | a hub id or local folder of an SD3 pipeline")
+    out: str = _f("runs/tiny", path("out"), "output folder")
+    prompts: str = _f("", path("file"), "real tasks: train prompts, txt or GenEval jsonl (default: built in, prompts.py)")
+    test_prompts: str = _f("", path("file"), "real tasks: held-out prompts (default: built in, or every 10th of --prompts)")
+    reward: str = _f("", text(True, _reward_spec, "a reward spec (rewards.py --list)", ("bogus", "color:-1")), "reward spec overriding the task's")
+    steps: int = _f(None, num(int, 1), "optimizer steps of the stage (tiny: teacher 60, distill 60)")
+    seed: int = _f(0, num(int, 0), "random seed (LoRA init, prompts and noise per step; the tiny model is fixed)")
+    noise_level: float = _f(None, num(float, 0, 10), "SDE noise level a of training rollouts (GRPO-Guard 0.7; NFT, distill 0 = ODE)")
+    num_steps: int = _f(10, num(int, 2, 1000), "sampler steps of training rollouts")
+    eval_steps: int = _f(40, num(int, 1, 1000), "sampler steps of evaluation (ODE)")
+    guidance: float = _f(None, num(float, 0, 100), "classifier-free guidance scale (1 = off; NFT 1, else 4.5)")
+    teacher_guidance: str = _f("", pairs(TASKS, num(float, 0, 100)), "distill: per-teacher CFG, e.g. geneval=1.0 (default: its own)")
+    resolution: int = _f(None, num(int, 8, 4096), "image size in pixels (tiny 32, others 512)")
+    max_seq_len: int = _f(None, num(int, 1, 512), "T5 tokens (tiny 8, others 128)")
+    lora_rank: int = _f(32, num(int, 1, 4096), "LoRA rank r")
+    lora_alpha: float = _f(64, num(float, 0, lo_open=True), "LoRA alpha")
+    lora_targets: str = _f(None, text(False, lambda v: bool(v.strip(", ")), bad=("", ",")), "LoRA target modules (see STAGE_DEFAULTS)")
+    lr: float = _f(None, num(float, 0, 1, lo_open=True), "AdamW learning rate (GRPO-Guard 1e-4, NFT, distill 3e-4)")
+    weight_decay: float = _f(1e-4, num(float, 0, 1), "AdamW weight decay")
+    grad_clip: float = _f(1.0, num(float, 0, lo_open=True), "gradient norm clip")
+    batch_size: int = _f(None, num(int, 1), "trajectories per optimizer step and task, all ranks (tiny: RL 24, distill 16)")
+    micro_batch: int = _f(None, num(int, 0), "trajectories per forward (0 = a rank's batch; real: RL 9, distill 3)")
+    group_size: int = _f(None, num(int, 2), "RL: images per prompt, one group (tiny 12, paper 24)")
+    clip_range: float = _f(2e-6, num(float, 0, 1, lo_open=True, hi_open=True), "GRPO-Guard: PPO clip range")
+    inner_epochs: int = _f(1, num(int, 1, 100), "RL: optimizer steps on each sampled batch")
+    no_ratio_norm: bool = _f(False, FLAG, "GRPO-Guard: plain Flow-GRPO ratio (no RatioNorm, no 1/|dt|)")
+    nft_beta: float = _f(1.0, num(float, 0, 10, lo_open=True), "NFT: beta of v+ and v- (GenEval 1.0, OCR 0.1)")
+    nft_decay: str = _f("0,0.001,0.5", text(False, _decay_spec, "FLAT,RATE,MAX, MAX < 1", ("x", "1,2", "0,0.1,1.5")), "NFT: old adapter decay min(RATE (step - FLAT), MAX)")
+    nft_kl: float = _f(1e-4, num(float, 0, 100), "NFT: weight of the velocity KL to the base model")
+    loss: str = _f("closed", one_of(*LOSSES), "distill: closed (closed-form KL) | ppo | sft | dance | flow")
+    two_pass: bool = _f(False, FLAG, "distill: roll out, then recompute (reference) instead of fused")
+    train_steps: str = _f("", text(True, _steps_spec, "steps like 0-8 or 0,2,4", ("x", "9-3", "0,99")), "distill: sampler steps with a loss (default all but the last)")
+    eval_every: int = _f(0, num(int, 0), "distill: held-out metrics of the saved (EMA) student every N rounds (0 = off)")
+    eval_batch: int = _f(16, num(int, 1), "eval: images per forward")
+    eval_prompts: int = _f(0, num(int, 0), "eval: at most this many test prompts per task (0 = all)")
+    eval_seeds: int = _f(4, num(int, 1, 1000), "eval: images per test prompt (GenEval uses 4)")
+    export_geneval: bool = _f(False, FLAG, "eval: also write <out>/geneval/<model>/ for GenEval's own evaluator")
+    save_every: int = _f(20, num(int, 1), "save a checkpoint every N optimizer steps (and at the end)")
+    resume: bool = _f(False, FLAG, "continue from the latest checkpoint in the stage's folder")
+    overwrite: bool = _f(False, FLAG, "redo a stage whose output exists")
+    max_bad_steps: int = _f(5, num(int, 1), "abort after this many non-finite steps in a row")
+    ema: float = _f(None, num(float, 0, 1, hi_open=True), "EMA decay of the trained LoRA, saved and evaluated (0 = off; 0.9)")
+    ema_every: int = _f(None, num(int, 1), "update the EMA every N optimizer steps (8 as Flow-GRPO; tiny 1)")
+    grad_checkpointing: bool = _f(False, FLAG, "recompute each transformer block in the backward pass")
+    compile: bool = _f(False, FLAG, "torch.compile the transformer")
+    text_encoders: str = _f("offload", one_of("offload", "gpu", "cpu"), "offload (on the GPU only to encode) | gpu | cpu")
+    no_t5: bool = _f(False, FLAG, "load the pipeline without T5 (its embeddings are zeros)")
+    embed_cache_mb: float = _f(2048, num(float, 1), "host memory for cached prompt embeddings (MB)")
+    peak_tflops: float = _f(0, num(float, 0), "bench: the device's peak bf16 TFLOP/s (0 = a known GPU's)")
+    device: str = _f("auto", one_of("auto", "cpu", "cuda", "meta"), "auto | cpu | cuda | meta (--stage bench: count shapes only)")
 
 
 # the paper's LoRA targets (peft matches name suffixes: attn and attn2 of dual-attention blocks)
 ATTN_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+TINY_MULTI_TARGETS = ATTN_TARGETS + ",norm1.linear,norm1_context.linear,norm_out.linear,context_embedder," \
+                                    "text_embedder.linear_1,text_embedder.linear_2"
+RL_STAGES = ("teacher", "joint", "cascade")
 
-STAGE_DEFAULTS = {  # field -> {stage or (stage, model kind): value}; "*" for any stage
-    "noise_level": {"teacher": 0.7, "distill": 0.0, "*": 0.0},
-    "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, "teacher": 1000, "distill": 1000, "bench": 3, "*": 0},
-    "lr": {("teacher", "tiny"): 1e-3, ("distill", "tiny"): 3e-3, "teacher": 1e-4, "distill": 3e-4, "*": 0.0},
-    "batch_size": {("teacher", "tiny"): 24, ("distill", "tiny"): 16, "tiny": 32, "*": 24},
+# field -> {key: value}; keys, most specific first: (stage, kind), (class, kind, algo),
+# (class, kind), (class, algo), stage, class, kind, "*"; class "rl" = teacher/joint/cascade
+STAGE_DEFAULTS = {
+    "noise_level": {("rl", "grpo_guard"): 0.7, "*": 0.0},
+    "steps": {("teacher", "tiny"): 60, ("distill", "tiny"): 60, ("joint", "tiny"): 100, ("cascade", "tiny"): 300,
+              "teacher": 1000, "distill": 1000, "joint": 2000, "cascade": 6000, "bench": 3, "*": 1},
+    "lr": {("rl", "tiny"): 1e-3, ("distill", "tiny"): 3e-3,
+           ("rl", "grpo_guard"): 1e-4, "*": 3e-4},
+    "guidance": {("rl", "nft"): 1.0, "*": 4.5},
+    "batch_size": {("rl", "tiny"): 24, ("distill", "tiny"): 16, "tiny": 32, "*": 24},
+    "micro_batch": {("rl", "real"): 9, "tiny": 0, "*": 3},
     "group_size": {"tiny": 12, "*": 24},
     "resolution": {"tiny": 32, "*": 512},
     "max_seq_len": {"tiny": 8, "*": 128},
     # the paper's targets, the attention projections; on the tiny model (2 blocks of width 32) the
     # student, which must hold all M teachers in one adapter, also adapts the prompt's way in: the
     # AdaLN modulation (pooled prompt and time) and the text projections. With attention alone it
-    # kept 79-82% of the jpeg teacher's gain, 99% when distilled from that teacher alone.
-    "lora_targets": {("distill", "tiny"): ATTN_TARGETS + ",norm1.linear,norm1_context.linear,norm_out.linear,"
-                                                         "context_embedder,text_embedder.linear_1,text_embedder.linear_2",
-                     "*": ATTN_TARGETS},
+    # kept 79-82% of the jpeg teacher's gain, 99% when distilled from that teacher alone. Joint
+    # and cascade RL, which also hold every task in one adapter, get the same.
+    "lora_targets": {**{(s, "tiny"): TINY_MULTI_TARGETS for s in ("distill", "joint", "cascade")}, "*": ATTN_TARGETS},
     "ema": {"*": 0.9},
     "ema_every": {"tiny": 1, "*": 8},
 }
 
 
-class UserError(Exception):
-    """Bad input: main() prints the message as one line and exits with code 2."""
-
-
 def parse_config(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="DiffusionOPD (see the top of opd.py)")
-    for f in dataclasses.fields(Config):
-        if f.type in (bool, "bool"):
-            ap.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"])
-    return Config(**vars(ap.parse_args(argv)))
+    import options
+    return options.parse(Config, argv, "DiffusionOPD (see the top of opd.py)")
+
+
+def model_kind(model):
+    return "tiny" if model == "tiny" else "real"
 
 
 def resolve(cfg, stage):
     """A copy of cfg with the stage's defaults filled in, checked."""
-    kind = "tiny" if cfg.model == "tiny" else "real"
+    kind, cls = model_kind(cfg.model), ("rl" if stage in RL_STAGES else stage)
+    algo = cfg.algo if cls == "rl" else None
     c = dataclasses.replace(cfg)
     for name, table in STAGE_DEFAULTS.items():
         if getattr(c, name) is None:
-            for key in [(stage, kind), stage, kind, "*"]:
-                if key in table:
-                    setattr(c, name, table[key]); break
-    if c.stage not in ("teacher", "distill", "eval", "all", "bench"):
-        raise UserError(f"unknown stage {c.stage!r} (teacher, distill, eval, all or bench)")
-    if c.noise_level < 0:
-        raise UserError(f"--noise_level must be >= 0, got {c.noise_level}")
-    if c.loss not in ("closed", "ppo"):
-        raise UserError(f"unknown --loss {c.loss!r} (closed or ppo)")
-    if stage == "distill" and c.loss == "ppo" and c.noise_level == 0:
-        raise UserError("--loss ppo needs --noise_level > 0: the ODE step has no density")
-    if min(c.num_steps, c.eval_steps, c.eval_seeds, c.batch_size, c.group_size, c.lora_rank, c.ema_every) < 1:
-        raise UserError("--num_steps, --eval_steps, --eval_seeds, --batch_size, --group_size, --lora_rank, "
-                        "--ema_every must be >= 1")
-    if not c.lora_targets.strip(", "):
-        raise UserError("--lora_targets is empty")
-    if not 0 <= c.ema < 1:
-        raise UserError(f"--ema must be in [0, 1), got {c.ema}")
-    if stage == "teacher" and c.batch_size % c.group_size:
-        raise UserError(f"--batch_size {c.batch_size} is not a multiple of --group_size {c.group_size}")
+            keys = [(stage, kind), (cls, kind, algo), (cls, kind), (cls, algo), stage, cls, kind, "*"]
+            setattr(c, name, next(table[k] for k in keys if k in table))
+    check(c, stage)
     return c
 
+
+def check(c, stage):
+    """Every field against its Rule (options.py), then the relations between fields: one
+    UserError naming the option, the value given and what is accepted."""
+    check_fields(c)
+    n, a = c.num_steps, c.noise_level
+    factor, largest = (4, 128) if model_kind(c.model) == "tiny" else (16, 4096)
+    tasks = list(parse_pairs(c.teachers)) if stage == "distill" and c.teachers else c.tasks.split(",")
+    relations = [  # (broken?, message)
+        (stage in RL_STAGES and c.batch_size % c.group_size,
+         f"--batch_size {c.batch_size} is not a multiple of --group_size {c.group_size}"),
+        (stage in RL_STAGES and c.algo == "grpo_guard" and a == 0,
+         "--algo grpo_guard needs --noise_level > 0: the ODE step has no density"),
+        (stage == "distill" and c.loss in ("ppo", "flow") and a == 0,
+         f"--loss {c.loss} needs --noise_level > 0: the ODE step has no density"),
+        (stage == "distill" and c.loss in ("sft", "dance") and a > 0,
+         f"--loss {c.loss} rolls out with the ODE: --noise_level must be 0, got {a}"),
+        (c.two_pass and c.loss not in ("closed", "ppo"), f"--two_pass applies to --loss closed or ppo, not {c.loss}"),
+        (max(parse_steps(c.train_steps, n)) >= n, f"--train_steps {c.train_steps!r} must lie in 0..{n - 1}"),
+        (c.resume and c.overwrite, "--resume and --overwrite contradict each other: pass one"),
+        (c.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is available"),
+        (c.device == "meta" and c.stage != "bench", "--device meta counts shapes for --stage bench only"),
+        (c.resolution % factor or c.resolution > largest,
+         f"--resolution {c.resolution} must be a multiple of {factor} up to {largest} for --model {c.model}"),
+        (any(k not in tasks for k in parse_pairs(c.teacher_guidance)),
+         f"--teacher_guidance names a task not among {','.join(tasks)}"),
+        (stage == "eval" and c.export_geneval and "geneval" not in tasks,
+         "--export_geneval needs the geneval task in --tasks"),
+    ]
+    for broken, message in relations:
+        if broken:
+            raise UserError(message)
+
+
+def parse_pairs(s, what="a NAME=VALUE list"):
+    out = {}
+    for item in [x for x in s.split(",") if x.strip()]:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise UserError(f"{what}: expected NAME=VALUE, got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parse_steps(s, n):
+    """'' -> all but the last step (the paper); '0-8' or '0,2,4' otherwise."""
+    if not s:
+        return list(range(n - 1))
+    steps = set()
+    for part in s.split(","):
+        a, _, b = part.partition("-")
+        steps.update(range(int(a), int(b or a) + 1))
+    return sorted(steps)
+
 # ----------------------------------------------------------------------------------------------
-# maths: the flow-matching SDE/ODE step, log-densities, the closed-form OPD loss, PPO, GRPO-Guard
+# maths: the flow-matching SDE/ODE step, log-densities, the closed-form OPD loss, PPO, GRPO-Guard,
+# DiffusionNFT
 # Paper symbols -> code: t_j -> t, t_{j+1} -> t_next, dt_j -> dt, a -> noise_level,
 # sigma_t -> sigma, sigma-bar_j (full transition std) -> std, mu_j -> mu, x_j -> x.
 # Convention: t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; v = eps - x0.
@@ -260,15 +346,16 @@ def ppo_surrogate(delta, logp, logp_old):
     return torch.exp(logp - logp_old.detach()) * delta
 
 
-def group_advantages(rewards, groups, clip=5.0, eps=1e-4):
-    """Group-relative advantages (GRPO): A = (r - mean_group) / (std_group + 1e-4), clipped to
-    [-clip, clip]. rewards (B,), groups (B,) integer group ids (one group per prompt)."""
+def group_advantages(rewards, groups, clip=5.0, eps=1e-4, global_std=False):
+    """Group-relative advantages (GRPO): A = (r - mean_group) / (std + 1e-4), clipped to
+    [-clip, clip]; std per group, or over the whole batch (global_std, DiffusionNFT's choice).
+    rewards (B,), groups (B,) integer group ids (one group per prompt)."""
     rewards = rewards.float()
     adv = torch.zeros_like(rewards)
     for g in groups.unique():
         m = groups == g
         r = rewards[m]
-        adv[m] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+        adv[m] = (r - r.mean()) / ((rewards if global_std else r).std(unbiased=False) + eps)
     return adv.clamp(-clip, clip)
 
 
@@ -292,6 +379,32 @@ def grpo_loss(mu, mu_old, x_next, std, dt, adv, clip_range, ratio_norm=True, dt_
         # every timestep contributes equally: divide by |dt_j|
         loss = loss / abs(float(dt))
     return loss
+
+
+def nft_r(adv, clip=5.0):
+    """DiffusionNFT's optimality probability r in [0, 1] from an advantage:
+    r = clip(0.5 + 0.5 clip(A, -5, 5) / 5, 0, 1)."""
+    return (0.5 + 0.5 * adv.float().clamp(-clip, clip) / clip).clamp(0, 1)
+
+
+def nft_loss(v, v_old, x0, x_t, t, r, beta, adv_clip=5.0):
+    """DiffusionNFT's loss at noise level t (B,), the public code's x0-space form. With the
+    implicit positive and negative policies
+        v+ = beta v_theta + (1 - beta) v_old,   v- = (1 + beta) v_old - beta v_theta,
+    their clean-image predictions x0+- = x_t - t v+- are pulled to x0 with weights r and 1 - r:
+        L = (r ||x0+ - x0||^2 / w+ + (1 - r) ||x0- - x0||^2 / w-) / beta * 5,
+    w+- = mean|x0+- - x0| (no grad; adaptive weighting). Since x0+ - x0 = t (v+ - (eps - x0)),
+    this is the velocity form r ||v+ - v||^2 + (1 - r) ||v- - v||^2 with weights t^2 / w.
+    v: v_theta (with grad); v_old, x0, x_t: (B, ...); t: float or (B,); r: (B,) from nft_r."""
+    v, v_old, x0, x_t = v.float(), v_old.float(), x0.float(), x_t.float()
+    tt = _bcast(t, x0)
+    v_pos = beta * v + (1 - beta) * v_old
+    v_neg = (1 + beta) * v_old - beta * v
+
+    def term(v_hat):  # ||x0_hat - x0||^2 / mean|x0_hat - x0|, per sample (element means)
+        err = (x_t - tt * v_hat - x0).flatten(1)
+        return err.pow(2).mean(1) / err.abs().mean(1).detach().clamp_min(1e-5)
+    return (r * term(v_pos) + (1 - r) * term(v_neg)) / beta * adv_clip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,250 +512,105 @@ def rng(*key):
 
 
 # ----------------------------------------------------------------------------------------------
-# models: the real SD3 pipeline from the hub / a folder, or the same classes built from configs
+# models: the real SD3 pipeline from the hub / a folder, or the offline stand-ins of tiny.py
 # ----------------------------------------------------------------------------------------------
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def _quiet_hf():
+def quiet_hf():
     import warnings
     from diffusers.utils import logging as dl
-    from rewards import _quiet
-    _quiet()  # transformers: errors only, no progress bars
+    from rewards import quiet
+    quiet()  # transformers: errors only, no progress bars
     dl.set_verbosity_error(); dl.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # M adapters, on purpose
 
 
-def _toy_tokenizer():
-    """A real CLIPTokenizer without files: a byte-level vocab (2 specials, 256 byte chars, the
-    same with </w>) plus BPE merges that make each word of the toy prompts one token, as a
-    trained CLIP vocab does for common words ('left' and 'right' are then not mostly the same
-    bytes)."""
-    from transformers import CLIPTokenizer
-    from rewards import COLORS, SIDES, SUBJECTS
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in bs] + [chr(256 + n) for n in range(256 - len(bs))]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ["", "</w>"]:
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-    merges = []
-    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture", "of"]
-    for w in sorted(words, key=len, reverse=True):  # longer first: 'bright' must not end in 'right'
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = pieces[0]
-        for nxt in pieces[1:]:
-            if (cur, nxt) not in merges:
-                merges.append((cur, nxt))
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def build_offline(kind, seed=0):
-    """A StableDiffusion3Pipeline with random weights, built from configs (nothing downloaded).
-    kind 'tiny': ~0.1M-param transformer, 2x-downsampling VAE (runs on CPU in seconds).
-    kind 'sd35m-random': SD3.5-Medium's published transformer config (~2.5B params) with tiny
-    text encoders of the real widths and a tiny VAE: speed and memory of the real transformer."""
-    _quiet_hf()
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    torch.manual_seed(seed)
-    tok = _toy_tokenizer()
-    if kind == "tiny":
-        widths, tcfg = [(32, 32), (32, 32)], dict(
-            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
-            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32,
-            dual_attention_layers=(0,), qk_norm="rms_norm")
-        blocks, vae_ch = 2, 16
-    else:  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
-        widths, tcfg = [(64, 768), (64, 1280)], dict(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-            caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-        blocks, vae_ch = 4, 16  # VAE scale factor 8 as the real one
-    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=p, bos_token_id=0,
-        eos_token_id=1, pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
-        for h, p in widths]
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(vae_ch,) * blocks,
-                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
-                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                        use_post_quant_conv=False).eval()
-    return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**tcfg).eval(), vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0],
-        tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
-
-
-def toy_images(n, g):
-    """n captioned 32x32 images for pretraining the tiny model: a flat background that is half
-    the colour the caption names, the side it names brighter, a little pixel noise. The toy
-    tasks ask for more than this data shows (the pure colour, a strong contrast, no noise)."""
-    from rewards import COLORS, SIDES, SUBJECTS
-    u = lambda: torch.rand((), generator=g).item()
-    pick = lambda xs: xs[int(u() * len(xs))]
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    ramp = {"left": -xx, "right": xx, "top": -yy, "bottom": yy}
-    ims, caps = [], []
-    for _ in range(n):
-        c, s, side, adj = pick(list(COLORS)), pick(SUBJECTS), pick(SIDES), pick(TOY_ADJECTIVES)
-        form = pick(["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}", "{c} {s} on the {side}", ""])
-        caps.append(("a " + form.format(c=c, s=s, side=side, adj=adj)) if form else "")
-        col = torch.tensor(COLORS[c] if "{c}" in form else [u(), u(), u()], dtype=torch.float32)
-        im = 0.5 * (0.2 + 0.6 * torch.rand(3, 1, 1, generator=g)) + 0.5 * col.view(3, 1, 1)
-        im = im + (0.4 if "{side}" in form else 0.1 * u()) * ramp[side]
-        ims.append((im + 0.05 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1))
-    return torch.stack(ims), caps
-
-
-def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
-    """About 60 s on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
-    shift from data, then the transformer and both CLIP text encoders together by flow matching
-    (v = eps - x0, logit-normal t, 10% empty captions for CFG). Without this, a random tiny SD3
-    barely reacts to its prompt (1% of the velocity between 'left' and 'right') and its VAE
-    cannot change an image's mean colour; with the text encoders frozen at random, 500 steps
-    teach colour but not the side (a position reward of 0.04 against 0.44 when they train)."""
-    import torch.nn.functional as F
-    g = torch.Generator().manual_seed(seed)
-    vae, tr, encoders = pipe.vae, pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2]
-    vae.train().requires_grad_(True)
-    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    for _ in range(vae_steps):
-        x = toy_images(32, g)[0] * 2 - 1
-        z = vae.encode(x).latent_dist.mean
-        loss = F.mse_loss(vae.decode(z + 0.1 * torch.randn(z.shape, generator=g)).sample, x) + 1e-4 * z.pow(2).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        z = vae.encode(toy_images(256, g)[0] * 2 - 1).latent_dist.mean
-    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
-    models = [tr, *encoders]
-    params = [p for mod in models for p in mod.parameters()]
-    for mod in models:
-        mod.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    for _ in range(steps):
-        ims, caps = toy_images(64, g)
-        caps = [c if keep else "" for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
-        uniq = list(dict.fromkeys(caps))
-        e, _, p, _ = pipe.encode_prompt(uniq, None, None, device="cpu", do_classifier_free_guidance=False,
-                                        max_sequence_length=8)  # with grad: the encoders learn too
-        row = {c: i for i, c in enumerate(uniq)}
-        pick = torch.tensor([row[c] for c in caps])
-        with torch.no_grad():
-            x0 = (vae.encode(ims * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        t = torch.sigmoid(torch.randn(64, generator=g)).view(-1, 1, 1, 1)
-        eps = torch.randn(x0.shape, generator=g)
-        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000, encoder_hidden_states=e[pick],
-               pooled_projections=p[pick], return_dict=False)[0]
-        loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
-    for mod in models:
-        mod.eval().requires_grad_(False)
-    return loss.item()
-
-
-TINY_RECIPE = "tiny-v4"  # bump when build_offline("tiny") or pretrain_tiny change
-
-
-def tiny_pipeline(rank=0, world=1):
-    """The tiny default: build_offline("tiny") pretrained once by pretrain_tiny, then cached as
-    safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by every later run
-    and every rank, so all of them use the same weights."""
-    from safetensors.torch import load_file, save_file
-    cache = os.environ.get("OPD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd")
-    path = os.path.join(cache, TINY_RECIPE + ".safetensors")
-    pipe = build_offline("tiny")
-    parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
-    if rank == 0 and not os.path.isfile(path):
-        say(0, f"pretraining the tiny model once (~60 s), cached at {path}")
-        t0 = time.time()
-        with torch.random.fork_rng():
-            loss = pretrain_tiny(pipe)
-        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items() for n, v in mod.state_dict().items()}
-        meta = {"scaling_factor": str(pipe.vae.config.scaling_factor), "shift_factor": str(pipe.vae.config.shift_factor)}
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-        say(0, f"tiny model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})")
-    _barrier(world)
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    state = load_file(path)
-    for k, mod in parts.items():
-        mod.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
-    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
-    return pipe
-
-
 def load_pipeline(cfg, device, rank=0, world=1):
-    """The pipeline named by --model, on device: fp32 on CPU, bf16 on GPU."""
+    """The pipeline named by --model: fp32 on CPU, bf16 on GPU. The transformer and the VAE go to
+    the device; the text encoders too only with --text_encoders gpu (else they stay in host
+    memory and visit the GPU to encode, see SD3.encode). --no_t5 loads no T5 (zeros instead)."""
+    import tiny
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if cfg.model == "tiny":
-        pipe = tiny_pipeline(rank, world)
+        pipe = tiny.tiny_pipeline(rank, world)
     elif cfg.model == "sd35m-random":
-        pipe = build_offline(cfg.model)
+        pipe = tiny.build_offline(cfg.model)
     else:
-        _quiet_hf()
+        quiet_hf()
         from diffusers import StableDiffusion3Pipeline
         import warnings
+        no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if cfg.no_t5 else {}
         try:
             with warnings.catch_warnings():  # newer diffusers renamed torch_dtype
                 warnings.simplefilter("ignore", FutureWarning)
-                pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, torch_dtype=dtype)
+                pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, torch_dtype=dtype, **no_t5)
         except Exception as e:  # offline and not cached, bad folder, gated repo, ...
             raise UserError(f"cannot load model {cfg.model!r} ({type(e).__name__}): download it once "
                             f"with network access (huggingface-cli download {cfg.model}) or pass a "
                             f"local folder holding a StableDiffusion3Pipeline") from None
     pipe.set_progress_bar_config(disable=True)
+    encoders_to = device if cfg.text_encoders == "gpu" else torch.device("cpu")
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
-            m.requires_grad_(False).eval().to(device, dtype)
+            m.requires_grad_(False).eval().to(device if m in (pipe.transformer, pipe.vae) else encoders_to, dtype)
     return pipe
 
 
 class SD3:
-    """The pipeline's pieces as the maths needs them: cached prompt embeddings, velocity
-    closures (CFG included) for any adapter, latent noise and decoding to images."""
+    """The pipeline's pieces as the maths needs them: prompt embeddings (computed when first
+    needed, kept in a least-recently-used cache of at most --embed_cache_mb), velocity closures
+    (CFG included) for any adapter, latent noise and decoding to images."""
 
     def __init__(self, pipe, cfg, device):
         self.pipe, self.cfg, self.device = pipe, cfg, device
         self.tr = pipe.transformer
         self.dtype = self.tr.dtype
-        self.cache = {}
+        self.cache, self.cache_bytes = collections.OrderedDict(), 0  # prompt -> (emb, pooled), CPU
         self.active = "?"
         self.trainable = []  # the adapter weights being trained
         self.latent = (self.tr.config.in_channels, cfg.resolution // pipe.vae_scale_factor,
                        cfg.resolution // pipe.vae_scale_factor)
+        if cfg.grad_checkpointing:
+            self.tr.enable_gradient_checkpointing()
+
+    @property
+    def encoders(self):
+        return [e for e in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3) if e is not None]
 
     def encode(self, prompts, batch=64):
-        """Encode prompts not yet cached (the text encoders are frozen): kept on CPU."""
-        todo = [p for p in dict.fromkeys([""] + list(prompts)) if p not in self.cache]
+        """Embed the prompts not in the cache, then drop the least recently used others until the
+        cache holds at most --embed_cache_mb (the prompts asked for now always stay). With
+        --text_encoders offload on a GPU, the encoders visit it for this call only."""
+        need = list(dict.fromkeys([""] + list(prompts)))
+        todo = [p for p in need if p not in self.cache]
+        visit = todo and self.device.type == "cuda" and self.cfg.text_encoders == "offload"
+        where = self.device if self.cfg.text_encoders != "cpu" else torch.device("cpu")
+        if visit:
+            for e in self.encoders:
+                e.to(self.device)
         with torch.no_grad():
             for i in range(0, len(todo), batch):
                 chunk = todo[i:i + batch]
                 emb, _, pooled, _ = self.pipe.encode_prompt(
-                    chunk, None, None, device=self.device, do_classifier_free_guidance=False,
+                    chunk, None, None, device=where, do_classifier_free_guidance=False,
                     max_sequence_length=self.cfg.max_seq_len)
                 for p, e, q in zip(chunk, emb.cpu(), pooled.cpu()):
-                    self.cache[p] = (e, q)
-
-    def offload_text_encoders(self):
-        """After encoding, the text encoders leave the GPU."""
-        if self.device.type == "cuda":
-            for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
-                if m is not None:
-                    m.to("cpu")
+                    self.cache[p] = (e.clone(), q.clone())
+                    self.cache_bytes += e.nbytes + q.nbytes
+        if visit:
+            for e in self.encoders:
+                e.to("cpu")
             torch.cuda.empty_cache()
+        for p in need:
+            self.cache.move_to_end(p)
+        keep = set(need)
+        while self.cache_bytes > self.cfg.embed_cache_mb * 2**20 and next(iter(self.cache)) not in keep:
+            e, q = self.cache.popitem(last=False)[1]
+            self.cache_bytes -= e.nbytes + q.nbytes
+
+    def prompt_bytes(self):
+        """Host bytes of one cached prompt's embeddings."""
+        self.encode([])
+        return sum(x.nbytes for x in self.cache[""])
 
     def use(self, adapter):
         """Make an adapter active (None = the base model). peft makes the active adapter's
@@ -651,7 +619,8 @@ class SD3:
         if adapter == self.active:
             return
         if adapter is None:
-            self.tr.disable_adapters()
+            if getattr(self.tr, "peft_config", None):  # no adapter at all: already the base
+                self.tr.disable_adapters()
         else:
             self.tr.enable_adapters()
             self.tr.set_adapter(adapter)
@@ -681,8 +650,8 @@ class SD3:
             xin = torch.cat([x, x]) if guidance != 1 else x
             tt = (torch.as_tensor(t, dtype=torch.float32) * 1000).to(self.device).expand(len(xin))
             with autocast:  # transformer timestep input = 1000 t
-                out = module(hidden_states=xin.to(self.dtype), timestep=tt, encoder_hidden_states=emb,
-                             pooled_projections=pooled, return_dict=False)[0].float()
+                out = module(hidden_states=xin.to(self.dtype), timestep=tt, encoder_hidden_states=emb.to(self.dtype),
+                             pooled_projections=pooled.to(self.dtype), return_dict=False)[0].float()
             if guidance == 1:
                 return out
             # v = v_u + w (v_c - v_u)
@@ -705,6 +674,12 @@ class SD3:
         return torch.cat(out)
 
 
+def chunks(n, size):
+    """Slices of range(n) of at most size elements (size 0: one slice)."""
+    size = size or max(n, 1)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def add_lora(tr, name, cfg):
     """A LoRA adapter (r, alpha, targets; B = 0 so it starts at the base), active, its weights
     fp32 and trainable."""
@@ -721,14 +696,10 @@ def add_lora(tr, name, cfg):
     params = [p for p in tr.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
+    for m in tr.modules():  # under autocast peft's cast of each input to fp32 stores a bf16 copy of it:
+        if hasattr(m, "cast_input_dtype_enabled"):  # measured 13% of the saved bytes, same result without
+            m.cast_input_dtype_enabled = False
     return params
-
-
-def adapter_state(tr, name):
-    from peft.utils import get_peft_model_state_dict
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(tr, adapter_name=name).items()}
-
-
 def save_lora(run_dir, tr, name):
     """The adapter as diffusers-format safetensors (pipe.load_lora_weights(run_dir) loads it),
     alpha and targets in its metadata; written to a temporary folder, then renamed in place."""
@@ -763,167 +734,77 @@ def load_lora(tr, run_dir, name, producer):
 
 
 # ----------------------------------------------------------------------------------------------
-# tasks: a name, train/test prompts (and GenEval metadata), a reward from rewards.py
+# tasks: a name, train/test prompts (and GenEval metadata), its rewards from rewards.py
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Task:
     name: str
     train: list
     test: list
-    reward: object  # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (B,)
+    reward: object  # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (B,): the training reward
     meta: dict = dataclasses.field(default_factory=dict)  # prompt -> GenEval metadata
-
-
-TOY_TASKS = ("color", "position", "jpeg")
-REAL_TASKS = {"geneval": "geneval", "ocr": "ocr", "aesthetic": "pickscore:1,clipscore:1,hpsv2:1"}
-
-
-TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
-
-
-def toy_prompts(name):
-    """The toy tasks' prompts, generated; a fixed split: every 4th prompt is held out."""
-    from rewards import COLORS, SUBJECTS
-    if name == "color":
-        ps = [f"a {c} {s}" for c in COLORS for s in SUBJECTS]
-    elif name == "position":  # left/right only: with top/bottom too, a teacher traded one for the other
-        ps = [f"a {w} {s} on the {side}" for side in ("left", "right") for s in SUBJECTS
-              for w in ("bright", "red", "green", "blue")]
-    else:
-        ps = [f"a {adj} picture of a {s}" for adj in TOY_ADJECTIVES for s in SUBJECTS]
-    return [p for i, p in enumerate(ps) if i % 4], ps[::4]
-
-
-def read_prompts(path):
-    """Text (one prompt a line) or GenEval metadata jsonl ({"prompt": ..., ...} a line)."""
-    if not path or not os.path.isfile(path):
-        raise UserError(f"prompt file {path!r} not found (pass --prompts PATH)")
-    prompts, meta = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    m = json.loads(line)
-                except json.JSONDecodeError:
-                    m = None
-                if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-                    raise UserError(f'{path}: a line is not a JSON object with a "prompt": {line[:60]!r}')
-                prompts.append(m["prompt"]); meta[m["prompt"]] = m
-            else:
-                prompts.append(line)
-    if not prompts:
-        raise UserError(f"prompt file {path} is empty")
-    return prompts, meta
+    eval_reward: object = None  # the reported metric, when it is not the training reward
 
 
 def make_task(name, cfg, device="cpu"):
+    """A task's prompts (toy: tiny.py; real: --prompts/--test_prompts or prompts.py's built-in
+    sets; a train prompt that is also a test prompt is dropped) and rewards, loaded now."""
+    import prompts as P
     import rewards
+    import tiny
     if name in TOY_TASKS:
-        train, test = toy_prompts(name)
-        meta = {}
-    elif name in REAL_TASKS:
-        train, meta = read_prompts(cfg.prompts)
-        if cfg.test_prompts:
-            test, m2 = read_prompts(cfg.test_prompts); meta.update(m2)
-        else:
-            train, test = [p for i, p in enumerate(train) if i % 10], train[::10]
+        (train, test), meta = tiny.toy_prompts(name), {}
+    elif cfg.prompts:
+        train, meta = P.read(cfg.prompts)
+        train, test = [p for i, p in enumerate(train) if i % 10], train[::10]
     else:
-        raise UserError(f"unknown task {name!r} (toy: {', '.join(TOY_TASKS)}; real: {', '.join(REAL_TASKS)})")
+        train, test, meta = P.builtin(name)
+    if name not in TOY_TASKS and cfg.test_prompts:
+        test, m2 = P.read(cfg.test_prompts)
+        meta.update(m2)
+        held = set(test)
+        train = [p for p in train if p not in held]
+        if not train:
+            raise UserError(f"every train prompt of {name} is among the test prompts of {cfg.test_prompts}")
     if name == "geneval" and not cfg.reward and any(p not in meta for p in train + test):
         raise UserError("--task geneval needs GenEval metadata: --prompts a jsonl with one "
                         '{"prompt": ..., "tag": ..., "include": [...]} a line')
-    spec = cfg.reward or (name if name in TOY_TASKS else REAL_TASKS[name])
+    specs = (cfg.reward,) * 2 if cfg.reward else (name,) * 2 if name in TOY_TASKS else REAL_TASKS[name]
     try:
-        reward = rewards.load(spec, device, eager=True)
-        if "ocr" in re.split(r"[,:=]", spec):
+        reward = rewards.load(specs[0], device, eager=True)
+        eval_reward = reward if specs[1] == specs[0] else rewards.load(specs[1], device, eager=True)
+        if "ocr" in re.split(r"[,:=]", specs[0]):
             for p in train + test:
                 rewards.ocr_target(p)  # every OCR prompt quotes the text to render
     except (ValueError, rewards.RewardError) as e:  # a bad spec, prompt or missing weights: before training
         raise UserError(str(e)) from None
-    return Task(name, train, test, reward, meta)
+    return Task(name, train, test, reward, meta, eval_reward)
 
 
-def score(task, images, prompts):
-    return task.reward(images, prompts, [task.meta.get(p, {}) for p in prompts]).float().cpu()
+def score(task, images, prompts, evaluation=False):
+    fn = task.eval_reward if evaluation and task.eval_reward is not None else task.reward
+    return fn(images, prompts, [task.meta.get(p, {}) for p in prompts]).float().cpu()
 
 
+def draw_prompts(cfg, task, step, mi, n):
+    """n train prompts of task number mi at an optimizer step: the same on every rank, and a
+    function of (seed, step), so that a resumed run draws what an uninterrupted one would."""
+    idx = torch.randint(len(task.train), (n,), generator=rng(cfg.seed, step, 0, mi))
+    return [task.train[i] for i in idx]
+
+
+def encode_ahead(cfg, m, step, prompts_of):
+    """Embed the prompts of the next steps at once (prompts_of(step) -> list), as many steps as
+    fill half the embedding cache: the text encoders then visit the GPU once per so many steps."""
+    first = prompts_of(step)
+    per_step = max(1, len(set(first))) * m.prompt_bytes()
+    ahead = max(1, min(64, int(cfg.embed_cache_mb * 2**20 / 2 // per_step)))
+    if step % ahead == 0 or any(p not in m.cache for p in first):
+        m.encode([p for s in range(step, min(step + ahead, cfg.steps)) for p in prompts_of(s)])
 # ----------------------------------------------------------------------------------------------
-# checkpoints: <run>/ckpt-<step>/{adapter.safetensors, state.pt}, written to a temporary folder
-# and renamed (atomic); the final LoRA <run>/pytorch_lora_weights.safetensors marks a done stage.
+# training utilities: logging, AdamW, the EMA of the weights, a guarded optimizer step, timers,
+# DDP. Checkpoints (atomic, resumable; a finished stage is reused) are checkpoint.py's.
 # ----------------------------------------------------------------------------------------------
-
-
-def checkpoints(run_dir):
-    if not os.path.isdir(run_dir):
-        return []
-    return sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and
-                  os.path.isfile(os.path.join(run_dir, d, "state.pt")))
-
-
-def save_checkpoint(run_dir, step, tr, name, opt, ema, cfg, keep=2):
-    from safetensors.torch import save_file
-    final = os.path.join(run_dir, f"ckpt-{step:07d}")
-    if os.path.isdir(final):
-        return
-    tmp = os.path.join(run_dir, f".tmp-ckpt-{step:07d}-{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    save_file(adapter_state(tr, name), os.path.join(tmp, "adapter.safetensors"))
-    torch.save({"step": step, "optimizer": opt.state_dict(), "config": dataclasses.asdict(cfg),
-                "ema": [e.cpu() for e in ema.shadow],
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(tmp, "state.pt"))
-    os.rename(tmp, final)  # the checkpoint exists only once complete
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
-
-
-def check_resume(run_dir, cfg):
-    """The latest complete checkpoint's state, if it was made for this model and LoRA shape."""
-    state = torch.load(os.path.join(run_dir, checkpoints(run_dir)[-1], "state.pt"), weights_only=True)
-    for k in ("model", "lora_rank", "lora_alpha", "lora_targets"):
-        if state["config"][k] != getattr(cfg, k):
-            raise UserError(f"--resume: {run_dir} was trained with --{k} {state['config'][k]}, not {getattr(cfg, k)}")
-    return state
-
-
-def load_checkpoint(run_dir, tr, name, opt, ema, cfg):
-    """Restore the latest complete checkpoint; returns the step to continue from."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    state = check_resume(run_dir, cfg)
-    ck = os.path.join(run_dir, checkpoints(run_dir)[-1])
-    set_peft_model_state_dict(tr, load_file(os.path.join(ck, "adapter.safetensors")), adapter_name=name)
-    opt.load_state_dict(state["optimizer"])
-    for e, saved in zip(ema.shadow, state["ema"]):
-        e.copy_(saved)
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
-
-
-def prepare_run(run_dir, cfg, rank, world, what):
-    """Decide what to do with a stage's folder: 'done' (reuse), 'resume', or 'fresh'."""
-    done = os.path.isfile(os.path.join(run_dir, LORA_FILE))
-    if done and not cfg.overwrite:
-        say(rank, f"{what}: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
-        return "done"
-    if cfg.overwrite:
-        if rank == 0 and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
-        return "fresh"
-    if cfg.resume and checkpoints(run_dir):
-        return "resume"
-    if checkpoints(run_dir):
-        raise UserError(f"{run_dir} holds a checkpoint of an unfinished {what} run: pass --resume to "
-                        f"continue it or --overwrite to start again")
-    return "fresh"
-
-
 class Logger:
     """stdout and <run>/metrics.jsonl on rank 0."""
 
@@ -966,6 +847,18 @@ class EMA:
         if self.decay > 0:
             for e, p in zip(self.shadow, self.params):
                 p.copy_(e)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The EMA weights in the parameters inside the block (what a save would write)."""
+        saved = [p.detach().clone() for p in self.params]
+        self.copy_to_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
 
 def guarded_step(opt, params, cfg, bad, rank):
@@ -1016,62 +909,123 @@ def sync_ctx(ddp, last):
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 1: GRPO-Guard specialist teachers (one LoRA per task)
+# stage 1: specialist teachers by RL, GRPO-Guard or DiffusionNFT (one LoRA per task). The same
+# loop trains the multi-task RL baselines of baselines.py: schedule(step) names the tasks of a step.
 # ----------------------------------------------------------------------------------------------
-def train_teacher(cfg, m, task, rank, world):
-    run_dir = os.path.join(cfg.out, f"teacher-{task.name}")
-    mode = prepare_run(run_dir, cfg, rank, world, f"teacher-{task.name}")
+def rl_sample(cfg, m, tasks, step, rank, world, tm):
+    """The samples of one RL step on the tasks of this step (one for a teacher, all for joint
+    RL). Per task: batch_size / G prompts, G images each. GRPO-Guard: SDE rollouts of the
+    policy, every state kept; NFT: ODE samples of the 'old' adapter, of which x0 and the reward
+    are used. Each image is scored by its own task's reward and its advantage computed within its
+    prompt's group (for NFT with the std of the task's batch), so the tasks' reward scales never
+    mix. Returns ([(prompts, trajectories, advantages) per task], {task: mean reward})."""
+    G, b, nft = cfg.group_size, cfg.batch_size // world, cfg.algo == "nft"
+    sigmas, batches, rewards = sd3_sigmas(cfg.num_steps), [], {}
+    for mi, task in enumerate(tasks):
+        prompts = [p for p in draw_prompts(cfg, task, step, mi, cfg.batch_size // G) for _ in range(G)]
+        mine, g = prompts[rank * b:(rank + 1) * b], rng(cfg.seed, step, 1, mi, rank)
+        with tm("sampling"):
+            parts = [rollout(m.velocity("old" if nft else "policy", mine[s], cfg.guidance), m.noise(len(mine[s]), g),
+                             sigmas, cfg.noise_level, g) for s in chunks(b, cfg.micro_batch)]
+            traj = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # states (b, N+1, C, h, w)
+            images = m.decode(traj["states"][:, -1])
+        with tm("reward"):
+            r_all = gather(score(task, images, mine).to(m.device), world).cpu()
+            groups = torch.arange(len(prompts)) // G
+            adv = group_advantages(r_all, groups, global_std=nft)[rank * b:(rank + 1) * b].to(m.device)
+        rewards[task.name] = r_all.mean().item()
+        batches.append((mine, traj, adv))
+    return batches, rewards
+
+
+def rl_backward(cfg, m, batches, step, epoch, rank, world, module, tm):
+    """Backward of the RL loss on the sampled batches: GRPO-Guard's clipped ratio on every stored
+    step, or NFT's loss at the sampler's times but the last on fresh noise around each x0."""
+    b, N, nft = cfg.batch_size // world, cfg.num_steps, cfg.algo == "nft"
+    sigmas, steps = sd3_sigmas(N), range(N - 1) if nft else range(N)
+    n_back, done = len(batches) * len(chunks(b, cfg.micro_batch)) * len(steps), 0
+    with tm("training"):
+        for mi, (mine, traj, adv) in enumerate(batches):
+            g = rng(cfg.seed, step, 2, mi, rank, epoch)  # NFT's fresh noise
+            for s in chunks(b, cfg.micro_batch):
+                v = m.velocity("policy", mine[s], cfg.guidance, module=module)
+                if nft:
+                    v_old, v_ref = m.velocity("old", mine[s], cfg.guidance), m.velocity(None, mine[s], cfg.guidance)
+                for j in steps:
+                    done += 1
+                    with sync_ctx(module, done == n_back):
+                        if nft:  # x_t = (1 - t) x0 + t eps, eps fresh; v_old from the old adapter
+                            x0, t = traj["states"][s, -1], sigmas[j]
+                            x_t = (1 - t) * x0 + t * torch.randn(x0.shape, generator=g).to(x0.device)
+                            with torch.no_grad():
+                                vo, vr = v_old(x_t, t), (v_ref(x_t, t) if cfg.nft_kl else None)
+                            vt = v(x_t, t)
+                            loss = nft_loss(vt, vo, x0, x_t, t, nft_r(adv[s]), cfg.nft_beta)
+                            if cfg.nft_kl:  # + KL to the base model: mean (v_theta - v_ref)^2
+                                loss = loss + cfg.nft_kl * (vt - vr).pow(2).flatten(1).mean(1)
+                        else:
+                            x = traj["states"][s, j]
+                            mu, _ = transition(x, v(x, sigmas[j]), sigmas[j], sigmas[j + 1], cfg.noise_level)
+                            loss = grpo_loss(mu, traj["means"][s, j], traj["states"][s, j + 1], traj["stds"][s, j],
+                                             sigmas[j + 1] - sigmas[j], adv[s], cfg.clip_range,
+                                             ratio_norm=not cfg.no_ratio_norm, dt_reweight=not cfg.no_ratio_norm)
+                        m.use("policy")  # gradient checkpointing recomputes with the active adapter
+                        (loss.sum() / (b * len(batches) * len(steps))).backward()
+
+
+def nft_decay(cfg, step):
+    """The old adapter's decay after optimizer step `step`: 0 before FLAT, then min(RATE (step -
+    FLAT), MAX) (DiffusionNFT: GenEval 0,0.001,0.5; OCR 75,0.0075,0.999)."""
+    flat, rate, cap = (float(x) for x in cfg.nft_decay.split(","))
+    return 0.0 if step < flat else min(rate * (step - flat), cap)
+
+
+def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
+    """Stage 1 (a teacher: one task) and the RL baselines (schedule(step) -> tasks of the step).
+    Writes <out>/<name>/: the LoRA (its EMA), config.json, run.json, metrics.jsonl, checkpoints."""
+    run_dir = os.path.join(cfg.out, name)
+    mode = prepare_run(run_dir, cfg, rank, world, name)
     if mode == "done":
         return run_dir
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-    tr, name = m.tr, "policy"
-    m.encode(task.train + task.test)
-    params = m.trainable = add_lora(tr, name, cfg)
-    m.active = name
+    schedule = schedule or (lambda step: tasks)
+    tr = m.tr
+    old = []
+    if cfg.algo == "nft":  # the sampling policy: a second adapter that follows the trained one
+        add_lora(tr, "old", cfg)
+        old = [p for n, p in tr.named_parameters() if ".old." in n]
+    params = m.trainable = add_lora(tr, "policy", cfg)
+    m.active = "policy"
     opt, ema = make_optimizer(params, cfg), EMA(params, cfg)
-    start = load_checkpoint(run_dir, tr, name, opt, ema, cfg) if mode == "resume" else 0
+    start, elapsed = load_checkpoint(run_dir, tr, "policy", opt, ema, cfg, old) if mode == "resume" else (0, 0.0)
     if start:
         say(rank, f"resumed {run_dir} at step {start}")
     ddp = wrap_ddp(tr, world, m.device)
-    sigmas = sd3_sigmas(cfg.num_steps)
-    N, G, b = cfg.num_steps, cfg.group_size, cfg.batch_size // world
-    log, bad = Logger(run_dir, rank), 0
-    bar = _bar(range(start, cfg.steps), rank, f"teacher-{task.name}")
+    log, bad, b = Logger(run_dir, rank), 0, cfg.batch_size // world
+    prompts_of = lambda s: [p for mi, t in enumerate(schedule(s))
+                            for p in draw_prompts(cfg, t, s, mi, cfg.batch_size // cfg.group_size)]
+    bar = _bar(range(start, cfg.steps), rank, name)
     for step in bar:
-        tm = Timer(m.device)
-        # the same prompts on every rank; each rank rolls out its slice of the batch
-        P = cfg.batch_size // G
-        idx = torch.randint(len(task.train), (P,), generator=rng(cfg.seed, step, 0))
-        prompts = [task.train[i] for i in idx for _ in range(G)]
-        groups = torch.arange(P).repeat_interleave(G)
-        mine = prompts[rank * b:(rank + 1) * b]
-        g = rng(cfg.seed, step, 1, rank)
-        with tm("sampling"):
-            traj = rollout(m.velocity(name, mine, cfg.guidance), m.noise(b, g), sigmas, cfg.noise_level, g)
-            images = m.decode(traj["states"][:, -1])
-        with tm("reward"):
-            r_all = gather(score(task, images, mine).to(m.device), world).cpu()
-            adv = group_advantages(r_all, groups)[rank * b:(rank + 1) * b].to(m.device)
-        with tm("training"):
-            for _ in range(cfg.inner_epochs):
-                v = m.velocity(name, mine, cfg.guidance, module=ddp)
-                for j in range(N):
-                    with sync_ctx(ddp, j == N - 1):
-                        x = traj["states"][:, j]
-                        mu, _ = transition(x, v(x, sigmas[j]), sigmas[j], sigmas[j + 1], cfg.noise_level)
-                        loss = grpo_loss(mu, traj["means"][:, j], traj["states"][:, j + 1], traj["stds"][:, j],
-                                         sigmas[j + 1] - sigmas[j], adv, cfg.clip_range,
-                                         ratio_norm=not cfg.no_ratio_norm, dt_reweight=not cfg.no_ratio_norm)
-                        (loss.mean() / N).backward()
-                gnorm, bad = guarded_step(opt, params, cfg, bad, rank)
+        t0, tm = time.perf_counter(), Timer(m.device)
+        encode_ahead(cfg, m, step, prompts_of)
+        batches, rewards = rl_sample(cfg, m, schedule(step), step, rank, world, tm)
+        for epoch in range(cfg.inner_epochs):
+            rl_backward(cfg, m, batches, step, epoch, rank, world, ddp, tm)
+            gnorm, bad = guarded_step(opt, params, cfg, bad, rank)
         ema.step(step + 1)
-        log(step=step + 1, reward=r_all.mean().item(), grad_norm=gnorm, **{f"time_{k}": round(v, 4) for k, v in tm.t.items()})
+        if old:  # theta_old <- d theta_old + (1 - d) theta
+            with torch.no_grad():
+                for po, p in zip(old, params):
+                    po.lerp_(p.detach(), 1 - nft_decay(cfg, step + 1))
+        elapsed += time.perf_counter() - t0
+        log(step=step + 1, **{f"reward_{k}": v for k, v in rewards.items()}, grad_norm=gnorm, elapsed=round(elapsed, 3),
+            **{f"time_{k}": round(v, 4) for k, v in tm.t.items()})
         if rank == 0:
-            bar.set_postfix(reward=f"{r_all.mean():.3f}")
+            bar.set_postfix(reward=f"{sum(rewards.values()) / len(rewards):.3f}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(run_dir, step + 1, tr, name, opt, ema, cfg)
-    return finish_run(run_dir, cfg, m, name, ema, rank, world)
+            save_checkpoint(run_dir, step + 1, tr, "policy", opt, ema, cfg, old, elapsed)
+    return finish_run(run_dir, cfg, m, "policy", ema, rank, world, elapsed, cfg.steps * len(schedule(0)) * cfg.batch_size)
 
 
 def rank_divergence(params, world):
@@ -1088,16 +1042,10 @@ def rank_divergence(params, world):
     return d.item()
 
 
-def write_text(path, text):
-    """Write to a temporary file, then rename: a reader sees the old file or the new one."""
-    with open(f"{path}.tmp-{os.getpid()}", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def finish_run(run_dir, cfg, m, name, ema, rank, world):
-    """The stage's final LoRA, its EMA weights (the file's existence marks the stage done), and
-    config; adapters dropped. With several ranks, first check that they hold the same weights."""
+def finish_run(run_dir, cfg, m, name, ema, rank, world, elapsed, trajectories):
+    """The stage's final LoRA, its EMA weights (the file's existence marks the stage done), its
+    config and run.json (training seconds, sampled trajectories); adapters dropped. With several
+    ranks, first check that they hold the same weights."""
     if world > 1:
         d = rank_divergence(m.trainable, world)
         if d > 1e-6:
@@ -1107,6 +1055,8 @@ def finish_run(run_dir, cfg, m, name, ema, rank, world):
     ema.copy_to_params()
     if rank == 0:
         write_text(os.path.join(run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_text(os.path.join(run_dir, "run.json"), json.dumps({"seconds": round(elapsed, 2),
+                                                                  "trajectories": trajectories}))
         save_lora(run_dir, m.tr, name)
     _barrier(world)
     _drop_adapters(m)
@@ -1129,45 +1079,23 @@ def _drop_adapters(m):
     if getattr(tr, "peft_config", None):
         tr.delete_adapters(list(tr.peft_config))
     m.active, m.trainable = "?", []
-
-
 # ----------------------------------------------------------------------------------------------
 # stage 2: on-policy distillation of every teacher into one student (closed-form per-step KL)
 # ----------------------------------------------------------------------------------------------
-def parse_pairs(s, what):
-    out = {}
-    for item in [x for x in s.split(",") if x.strip()]:
-        k, sep, v = item.partition("=")
-        if not sep or not k.strip() or not v.strip():
-            raise UserError(f"{what}: expected NAME=VALUE, got {item!r}")
-        out[k.strip()] = v.strip()
-    return out
-
-
-def parse_steps(s, n):
-    """'' -> all but the last step (the paper); '0-8' or '0,2,4' otherwise."""
-    if not s:
-        return list(range(n - 1))
-    steps = set()
-    for part in s.split(","):
-        a, _, b = part.partition("-")
-        try:
-            steps.update(range(int(a), int(b or a) + 1))
-        except ValueError:
-            raise UserError(f"bad --train_steps {s!r}") from None
-    if not steps or min(steps) < 0 or max(steps) >= n:
-        raise UserError(f"--train_steps {s!r} must lie in 0..{n - 1}")
-    return sorted(steps)
-
-
 def distill_round(cfg, m, tasks, step, rank, world, module, tm, teacher_of, tg):
     """One round of stage 2 (METHOD.md section 5), gradients only: for each task m, its prompts,
     a student rollout, the teacher's means on the student's own states (no grad), the closed-form
     loss backpropagated step by step; the M tasks accumulate into one gradient (G = M).
-    teacher_of(task) -> the teacher's adapter name; tg: per-task teacher CFG. Returns {task: loss}."""
+    teacher_of(task) -> the teacher's adapter name; tg: task -> teacher CFG. --loss sft, dance
+    and flow swap in another method of baselines.py on the same round. Returns {task: loss}."""
+    trajectory = distill_trajectory
+    if cfg.loss in ("sft", "dance", "flow"):
+        import baselines
+        trajectory = baselines.TRAJECTORIES[cfg.loss]
     sigmas = sd3_sigmas(cfg.num_steps)
     train_steps = parse_steps(cfg.train_steps, cfg.num_steps)
-    b, n_back = cfg.batch_size // world, len(tasks) * len(train_steps)
+    b, parts = cfg.batch_size // world, chunks(cfg.batch_size // world, cfg.micro_batch)
+    n_back = len(tasks) * len(parts) * (1 if cfg.loss == "dance" else len(train_steps))
     done, losses = [0], {}
 
     def timed(v, key):  # a velocity closure that adds its time to tm[key]
@@ -1176,117 +1104,174 @@ def distill_round(cfg, m, tasks, step, rank, world, module, tm, teacher_of, tg):
                 return v(x, t)
         return f
 
-    def backward(loss):  # one backward per trained step; sync on the round's last
+    def backward(loss, w):  # one backward per trained step, weighted by the chunk's share; sync on the last
         done[0] += 1
+        m.use("student")  # gradient checkpointing recomputes the blocks with the active adapter
         with tm("backward"), sync_ctx(module, done[0] == n_back):
-            loss.backward()
+            (loss * w).backward()
     for mi, task in enumerate(tasks):  # round-robin: G = M, one optimizer step per round
-        idx = torch.randint(len(task.train), (cfg.batch_size,), generator=rng(cfg.seed, step, 0, mi))
-        mine = [task.train[i] for i in idx[rank * b:(rank + 1) * b]]
-        g = rng(cfg.seed, step, 1, mi, rank)
-        student = timed(m.velocity("student", mine, cfg.guidance, module=module), "student_fwd")
-        teacher = timed(m.velocity(teacher_of(task), mine, tg.get(task.name, cfg.guidance)), "teacher")
-        _, loss = distill_trajectory(student, teacher, m.noise(b, g), sigmas, cfg.noise_level, train_steps,
-                                     cfg.loss, backward=backward, two_pass=cfg.two_pass, generator=g)
-        losses[task.name] = loss
+        mine = draw_prompts(cfg, task, step, mi, cfg.batch_size)[rank * b:(rank + 1) * b]
+        g, losses[task.name] = rng(cfg.seed, step, 1, mi, rank), 0.0
+        for s in parts:
+            ps, w = mine[s], len(mine[s]) / b
+            student = timed(m.velocity("student", ps, cfg.guidance, module=module), "student_fwd")
+            teachers = [timed(m.velocity(teacher_of(t), ps, tg[t.name]), "teacher")
+                        for t in (tasks if cfg.loss == "dance" else [task])]  # DanceOPD: all, averaged
+            teacher = teachers[0] if len(teachers) == 1 else lambda x, t: sum(v(x, t) for v in teachers) / len(teachers)
+            _, loss = trajectory(student, teacher, m.noise(len(ps), g), sigmas, cfg.noise_level, train_steps,
+                                 cfg.loss, backward=lambda l: backward(l, w), two_pass=cfg.two_pass, generator=g)
+            losses[task.name] += loss * w
     return losses
 
 
-def distill(cfg, m, tasks, teacher_dirs, rank, world):
-    run_dir = os.path.join(cfg.out, "student")
-    mode = prepare_run(run_dir, cfg, rank, world, "student")
+def teacher_guidance(cfg, teacher_dirs):
+    """Each teacher's CFG for its targets: --teacher_guidance, else the one it was trained with."""
+    given = {k: float(v) for k, v in parse_pairs(cfg.teacher_guidance).items()}
+    def own(d):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return float(json.load(open(os.path.join(d, "config.json")))["guidance"])
+        return cfg.guidance
+    return {k: given.get(k, own(d)) for k, d in teacher_dirs.items()}
+
+
+def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None):
+    """Stage 2 into <out>/<name> (default: student, or student-<loss> for another --loss). With
+    --eval_every, the saved (EMA) student's held-out rewards every so many rounds go to
+    metrics.jsonl (eval time is not counted in the training seconds)."""
+    name = name or ("student" if cfg.loss == "closed" else f"student-{cfg.loss}")
+    run_dir = os.path.join(cfg.out, name)
+    mode = prepare_run(run_dir, cfg, rank, world, name)
     if mode == "done":
         return run_dir
     tr = m.tr
     for t in tasks:  # M teachers: M adapters on the one transformer
         load_lora(tr, teacher_dirs[t.name], f"teacher-{t.name}",
                   f"python opd.py --stage teacher --task {t.name} --out {cfg.out}")
-    tg = {k: float(v) for k, v in parse_pairs(cfg.teacher_guidance, "--teacher_guidance").items()}
+    tg = teacher_guidance(cfg, teacher_dirs)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-    for t in tasks:
-        m.encode(t.train + t.test)
     params = m.trainable = add_lora(tr, "student", cfg)
     m.active = "student"
     opt, ema = make_optimizer(params, cfg), EMA(params, cfg)
-    start = load_checkpoint(run_dir, tr, "student", opt, ema, cfg) if mode == "resume" else 0
+    start, elapsed = load_checkpoint(run_dir, tr, "student", opt, ema, cfg) if mode == "resume" else (0, 0.0)
     if start:
         say(rank, f"resumed {run_dir} at step {start}")
     ddp = wrap_ddp(tr, world, m.device)
-    log, bad = Logger(run_dir, rank), 0
-    bar = _bar(range(start, cfg.steps), rank, "distill")
+    log, bad, b = Logger(run_dir, rank), 0, cfg.batch_size // world
+    prompts_of = lambda s: [p for mi, t in enumerate(tasks) for p in draw_prompts(cfg, t, s, mi, cfg.batch_size)[rank * b:(rank + 1) * b]]
+    bar = _bar(range(start, cfg.steps), rank, name)
     for step in bar:
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            with ema.applied():
+                log(step=step, elapsed=round(elapsed, 3), held_out=held_out(cfg, m, tasks, "student", cfg.guidance, rank, world))
         tm = Timer(m.device)
         t0 = time.perf_counter()
+        encode_ahead(cfg, m, step, prompts_of)
         losses = distill_round(cfg, m, tasks, step, rank, world, ddp, tm, lambda t: f"teacher-{t.name}", tg)
         with tm("optimizer"):
             gnorm, bad = guarded_step(opt, params, cfg, bad, rank)
             ema.step(step + 1)
         total = time.perf_counter() - t0
+        elapsed += total
         model_time = sum(v for k, v in tm.t.items() if k != "optimizer")
-        log(step=step + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=gnorm,
+        log(step=step + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=gnorm, elapsed=round(elapsed, 3),
             time_round=round(total, 4), **{f"time_{k}": round(v, 4) for k, v in tm.t.items()},
             model_share=round(model_time / total, 3))
         if rank == 0:
             bar.set_postfix(loss=f"{sum(losses.values()):.3g}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(run_dir, step + 1, tr, "student", opt, ema, cfg)
-    return finish_run(run_dir, cfg, m, "student", ema, rank, world)
-
-
+            save_checkpoint(run_dir, step + 1, tr, "student", opt, ema, cfg, elapsed=elapsed)
+    if cfg.eval_every:
+        with ema.applied():
+            log(step=cfg.steps, elapsed=round(elapsed, 3), held_out=held_out(cfg, m, tasks, "student", cfg.guidance, rank, world))
+    return finish_run(run_dir, cfg, m, "student", ema, rank, world, elapsed, cfg.steps * len(tasks) * cfg.batch_size)
 # ----------------------------------------------------------------------------------------------
-# eval: ODE sampler, CFG, each task's reward on its test prompts, for every model
+# eval: ODE sampler, CFG, each task's metric on its test prompts, for every model of the run
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_images(m, adapter, prompts, seeds, cfg):
+def sample_images(m, adapter, prompts, seeds, cfg, guidance):
     """ODE samples (eval_steps, CFG) for prompts, the noise of each from its own seed."""
     sigmas = sd3_sigmas(cfg.eval_steps)
     out = []
     for i in range(0, len(prompts), cfg.eval_batch):
         ps, ss = prompts[i:i + cfg.eval_batch], seeds[i:i + cfg.eval_batch]
         x = torch.cat([m.noise(1, rng(cfg.seed, 7, s)) for s in ss])
-        traj = rollout(m.velocity(adapter, ps, cfg.guidance), x, sigmas, 0.0)
+        traj = rollout(m.velocity(adapter, ps, guidance), x, sigmas, 0.0)
         out.append(m.decode(traj["states"][:, -1]).cpu())
     return torch.cat(out)
 
 
-def evaluate(cfg, m, tasks, rank, world, loras=None):
-    """Writes <out>/eval.json (model -> task -> mean reward), eval.md and samples.png."""
-    loras = dict(loras or {})
-    models = {"base": None}
+def held_out(cfg, m, tasks, adapter, guidance, rank, world, grid=None, export=None):
+    """{task: mean metric} of a model on each task's test prompts, eval_seeds images a prompt
+    (image i has seed i), split across ranks. grid: a list that receives, per task, the first
+    seed of two test prompts; export: a folder for GenEval's layout (geneval tasks)."""
+    out = {}
     for t in tasks:
-        d = os.path.join(cfg.out, f"teacher-{t.name}")
-        if os.path.isfile(os.path.join(d, LORA_FILE)):
-            models[f"teacher-{t.name}"] = d
-    if os.path.isfile(os.path.join(cfg.out, "student", LORA_FILE)):
-        models["student"] = os.path.join(cfg.out, "student")
-    models.update(loras)
-    for name, d in models.items():
+        test = t.test[: cfg.eval_prompts] if cfg.eval_prompts else t.test
+        test = [p for p in test for _ in range(cfg.eval_seeds)]
+        mine = list(range(rank, len(test), world))
+        for s in chunks(len(mine), 4 * cfg.eval_batch):  # prompts embedded a chunk at a time
+            m.encode([test[i] for i in mine[s]])
+        imgs = sample_images(m, adapter, [test[i] for i in mine], mine, cfg, guidance)
+        r = score(t, imgs, [test[i] for i in mine], evaluation=True) if mine else torch.zeros(0)
+        n = math.ceil(len(test) / world)  # pad to equal length for all_gather
+        pad = torch.full((n,), float("nan")); pad[: len(r)] = r
+        allr = gather(pad.to(m.device), world).cpu()
+        out[t.name] = allr[~torch.isnan(allr)].mean().item()
+        if export and t.name == "geneval":
+            import rewards
+            rewards.export_geneval(export, [t.meta[test[i]] for i in mine], [i // cfg.eval_seeds for i in mine],
+                                   [i % cfg.eval_seeds for i in mine], imgs)
+        if grid is not None:
+            two = [0, cfg.eval_seeds][: len(test) // cfg.eval_seeds]
+            grid.append((imgs[[mine.index(i) for i in two]] if world == 1 else
+                         sample_images(m, adapter, [test[i] for i in two], two, cfg, guidance), [test[i] for i in two]))
+    return out
+
+
+ORDER = ["teacher-", "joint-grpo_guard", "joint-nft", "cascade-grpo_guard", "cascade-nft", "student",
+         "student-sft", "student-ppo", "student-dance", "student-flow"]
+
+
+def discover(out, tasks, extra=None):
+    """Every model of a run: the base, then each finished LoRA folder of <out> (teachers in --tasks
+    order, the baselines, the students), then --lora extras. name -> folder (None: the base)."""
+    found = [d for d in sorted(os.listdir(out)) if os.path.isfile(os.path.join(out, d, LORA_FILE))] \
+        if os.path.isdir(out) else []
+    teachers = [f"teacher-{t}" for t in tasks] + [d for d in found if d.startswith("teacher-")]
+    rank_of = lambda d: (ORDER.index(d) if d in ORDER else len(ORDER), d)
+    names = list(dict.fromkeys([d for d in teachers if d in found] + sorted(
+        (d for d in found if not d.startswith("teacher-")), key=rank_of)))
+    return {"base": None, **{n: os.path.join(out, n) for n in names}, **(extra or {})}
+
+
+def run_info(d, key, default):
+    """A value from a LoRA folder's config.json or run.json (default when absent)."""
+    for f in ("run.json", "config.json"):
+        with contextlib.suppress(OSError, ValueError):
+            v = json.load(open(os.path.join(d, f))).get(key)
+            if v is not None:
+                return v
+    return default
+
+
+def evaluate(cfg, m, tasks, rank, world, loras=None):
+    """Writes <out>/eval.json (model -> task -> metric, seconds), eval.md and samples.png. Each
+    model samples with the CFG it was trained with (NFT models: 1)."""
+    models = discover(cfg.out, [t.name for t in tasks], loras)
+    for i, (name, d) in enumerate(models.items()):  # adapter names: m0, m1, ... (any folder name)
         if d is not None:
-            load_lora(m.tr, d, name, f"python opd.py --stage all --out {cfg.out}")
+            load_lora(m.tr, d, f"m{i}", f"python opd.py --stage all --out {cfg.out}")
     table, grid = {}, []
-    for name in models:
+    for i, (name, d) in enumerate(models.items()):
         m.active = "?"
-        adapter = None if models[name] is None else name
-        table[name] = {}
-        for t in tasks:
-            test = t.test[: cfg.eval_prompts] if cfg.eval_prompts else t.test
-            test = [p for p in test for _ in range(cfg.eval_seeds)]  # image i has seed i
-            mine = list(range(rank, len(test), world))  # images split across ranks
-            imgs = sample_images(m, adapter, [test[i] for i in mine], mine, cfg)
-            r = score(t, imgs, [test[i] for i in mine]) if mine else torch.zeros(0)
-            # gather (pad to equal length for all_gather)
-            n = math.ceil(len(test) / world)
-            pad = torch.full((n,), float("nan")); pad[: len(r)] = r
-            allr = gather(pad.to(m.device), world).cpu()
-            table[name][t.name] = allr[~torch.isnan(allr)].mean().item()
-            if rank == 0:  # two test prompts, their first seed
-                two = [0, cfg.eval_seeds][: len(test) // cfg.eval_seeds]
-                grid.append(imgs[[mine.index(i) for i in two]] if world == 1 else
-                            sample_images(m, adapter, [test[i] for i in two], two, cfg))
+        g = cfg.guidance if d is None else float(run_info(d, "guidance", cfg.guidance))
+        export = os.path.join(cfg.out, "geneval", name) if cfg.export_geneval else None
+        table[name] = held_out(cfg, m, tasks, None if d is None else f"m{i}", g, rank, world, grid, export)
+        table[name]["seconds"] = 0.0 if d is None else float(run_info(d, "seconds", 0.0))
     _drop_adapters(m)
     if rank == 0:
-        write_eval(cfg.out, table, [t.name for t in tasks], grid, len(models))
+        write_eval(cfg.out, table, [t.name for t in tasks], grid)
     return table
 
 
@@ -1298,160 +1283,116 @@ def normalised_mean(table, tasks):
             for name, r in table.items()}
 
 
-def write_eval(out, table, tasks, grid, n_models):
-    avg = normalised_mean(table, tasks)
-    lines = ["| model | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
+def method_seconds(table):
+    """Training seconds of each model's whole method: a student's includes its teachers'."""
+    teachers = sum(r["seconds"] for n, r in table.items() if n.startswith("teacher-"))
+    return {n: r["seconds"] + (teachers if n.startswith("student") else 0.0) for n, r in table.items()}
+
+
+def write_eval(out, table, tasks, grid):
+    avg, secs = normalised_mean(table, tasks), method_seconds(table)
+    lines = ["| model | " + " | ".join(tasks) + " | avg | train time |", "|---" * (len(tasks) + 3) + "|"]
     for name, r in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in tasks) + f" | {avg[name]:.3f} |")
-    md = "\n".join(lines) + "\n\nMean reward on each task's test prompts (ODE sampler); avg = mean of " \
-        "min-max-normalised scores across the models above.\n"
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in tasks) + f" | {avg[name]:.3f} | " +
+                     (f"{secs[name]:.0f} s |" if secs[name] else "- |"))
+    md = "\n".join(lines) + "\n\nMean metric on each task's test prompts (ODE sampler); avg = mean of min-max-" \
+        "normalised scores across the models above; train time: training seconds (a student's include its teachers').\n"
     write_text(os.path.join(out, "eval.json"), json.dumps(table, indent=1))
     write_text(os.path.join(out, "eval.md"), md)
     print(md, flush=True)
-    # samples.png: one row per model, the same prompts and seeds in every row
-    from PIL import Image
-    rows = [torch.cat(list(grid[i * len(tasks):(i + 1) * len(tasks)])) for i in range(n_models)]
-    img = torch.stack([torch.cat(list(r), 2) for r in rows])  # (models, 3, H, W * k)
-    img = torch.cat(list(img), 1)
-    arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    scale = max(1, 128 // grid[0].shape[-1])
-    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(
-        os.path.join(out, "samples.png"))
+    samples_figure(os.path.join(out, "samples.png"), list(table), grid, len(tasks))
 
 
-# ----------------------------------------------------------------------------------------------
-# bench: what the fused rollout saves, and what M teachers as adapters cost
-# ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def peak_memory(device):
-    """out["peak"]: peak bytes inside the block. GPU: the CUDA allocator's peak. CPU: the
-    process's resident set, sampled every millisecond from /proc (Linux)."""
-    out = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        torch.cuda.synchronize(); out["peak"] = torch.cuda.max_memory_allocated(device)
-        return
-    import threading
-    page, stop = os.sysconf("SC_PAGE_SIZE"), threading.Event()
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-    out["peak"] = rss()
-
-    def poll():
-        while not stop.wait(0.001):
-            out["peak"] = max(out["peak"], rss())
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    try:
-        yield out
-    finally:
-        stop.set(); th.join()
-        out["peak"] = max(out["peak"], rss())
-
-
-def bench(cfg, m, tasks, rank, world):
-    """--stage bench (one process): the peak memory of a distillation round with one adapter
-    trained alone (its teacher = the base) against the same round distilling from M teacher
-    adapters (random, B != 0); then seconds per round, fused against --two_pass, alternating
-    rounds after one warm-up each. Prints a table and writes <out>/bench.json."""
-    mb = lambda b: b / 2**20
-    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
-    params = m.trainable = add_lora(m.tr, "student", cfg)
-
-    def round_s(teacher_of, two_pass=False, step=0):  # one round, gradients dropped; seconds
-        for p in params:
-            p.grad = None
-        m.active, tm = "?", Timer(m.device)
-        with tm("round"):
-            distill_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world, m.tr, tm,
-                          teacher_of, {})
-        return tm.t["round"]
-    with peak_memory(m.device) as alone:
-        round_s(lambda t: None)
-    teachers = []
-    for t in tasks:  # M teachers: adapters on the same transformer, B randomised
-        add_lora(m.tr, f"teacher-{t.name}", cfg)
-        teachers += [p for n, p in m.tr.named_parameters() if f"teacher-{t.name}" in n]
-    for n, p in m.tr.named_parameters():
-        if "lora_B.teacher-" in n:
-            torch.nn.init.normal_(p.data, std=0.01)
-    with peak_memory(m.device) as multi:
-        round_s(lambda t: f"teacher-{t.name}")
-    times = {False: [], True: []}
-    for r in range(2 * cfg.steps + 2):  # alternate; the first round of each is a warm-up
-        dt = round_s(lambda t: f"teacher-{t.name}", bool(r % 2), step=r)
-        if r >= 2:
-            times[bool(r % 2)].append(dt)
-    fused, two = (sum(v) / len(v) for v in (times[False], times[True]))
-    teacher_bytes = nbytes(teachers)
-    base_bytes = nbytes(p for n, p in m.tr.named_parameters() if "lora_" not in n)
-    res = {"model": cfg.model, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "tasks": len(tasks),
-           "rounds_each": cfg.steps, "device": str(m.device),
-           "round_s_fused": round(fused, 4), "round_s_two_pass": round(two, 4), "two_pass_over_fused": round(two / fused, 3),
-           "peak_mb_one_adapter": round(mb(alone["peak"]), 1), "peak_mb_M_teachers": round(mb(multi["peak"]), 1),
-           "adapter_mb": round(mb(nbytes(params)), 3),
-           "teacher_adapters_mb": round(mb(teacher_bytes), 3), "transformer_mb": round(mb(base_bytes), 3)}
-    if rank == 0:
-        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.num_steps} steps "
-               f"({m.device}): round fused {fused:.3f}s, two-pass {two:.3f}s (x{two / fused:.2f}); peak memory "
-               f"{mb(alone['peak']):.0f} MB one adapter alone, {mb(multi['peak']):.0f} MB with {len(tasks)} teacher "
-               f"adapters ({mb(teacher_bytes):.2f} MB of adapter weights; a transformer copy is {mb(base_bytes):.2f} MB)")
-        os.makedirs(cfg.out, exist_ok=True)
-        write_text(os.path.join(cfg.out, "bench.json"), json.dumps(res, indent=1))
-    return res
+def samples_figure(path, models, grid, n_tasks, cell=128):
+    """samples.png: one row per model (labelled), two test prompts per task in columns (each
+    labelled with its prompt), the same seeds in every row."""
+    from PIL import Image, ImageDraw, ImageFont
+    import rewards
+    prompts = [p for _, ps in grid[:n_tasks] for p in ps]
+    left, top = 150, 34
+    font = ImageFont.load_default(size=11)
+    canvas = Image.new("RGB", (left + cell * len(prompts), top + cell * len(models)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, p in enumerate(prompts):  # column labels: the prompt, wrapped onto two lines
+        words, lines = p.split(), ["", ""]
+        for w in words:
+            k = 0 if len(lines[0]) + len(w) < 22 else 1
+            lines[k] += w + " "
+        draw.multiline_text((left + c * cell + 3, 2), "\n".join(l.strip()[:24] for l in lines), fill="black", font=font)
+    for r, name in enumerate(models):
+        draw.text((4, top + r * cell + cell // 2 - 6), name, fill="black", font=font)
+        ims = torch.cat([g[0] for g in grid[r * n_tasks:(r + 1) * n_tasks]])
+        for c, im in enumerate(rewards.uint8(ims)):
+            canvas.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
+    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
+SUBSTAGES = {"all": ["teacher", "distill", "eval"], "compare": ["teacher", "distill", "joint", "cascade", "eval"],
+             "noise": ["distill", "eval"]}
+
+
+def teacher_dirs(cfg, tasks):
+    """task -> teacher folder: --teachers, else <out>/teacher-<task>."""
+    return parse_pairs(cfg.teachers, "--teachers") if cfg.teachers else \
+        {t: os.path.join(cfg.out, f"teacher-{t}") for t in tasks}
+
+
 def preflight(cfg, stages, task_names):
-    """Checks that need no model, before loading one: the ranks split the batch, and --resume
-    does not change the model or the LoRA of any stage it would continue."""
-    world, batch = int(os.environ.get("WORLD_SIZE", 1)), resolve(cfg, stages[0]).batch_size
-    if batch % world:
-        raise UserError(f"--batch_size {batch} does not divide across {world} ranks")
-    dirs = {"teacher": [f"teacher-{t}" for t in task_names], "distill": ["student"]}
+    """Checks that need no model, before loading one: every option of every stage, the ranks
+    split the batch, the teachers exist, and --resume does not change the model or the LoRA of
+    any stage it would continue."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
     for stage in stages:
-        for d in dirs.get(stage, []):
+        c = resolve(cfg, stage)
+        if c.batch_size % world:
+            raise UserError(f"--batch_size {c.batch_size} does not divide across {world} ranks")
+        if stage == "distill" and cfg.stage == "distill":
+            for t, d in teacher_dirs(c, task_names).items():
+                if not os.path.isfile(os.path.join(d, LORA_FILE)):
+                    raise UserError(f"no LoRA at {os.path.join(d, LORA_FILE)}: make it with "
+                                    f"`python opd.py --stage teacher --task {t} --out {cfg.out}`")
+        dirs = {"teacher": [f"teacher-{t}" for t in task_names], "distill": ["student"]}.get(stage, [])
+        for d in dirs:
             run_dir = os.path.join(cfg.out, d)
             if cfg.resume and checkpoints(run_dir) and not os.path.isfile(os.path.join(run_dir, LORA_FILE)):
-                check_resume(run_dir, resolve(cfg, stage))
+                check_resume(run_dir, c)
 
 
 def run(cfg):
-    stages = ["teacher", "distill", "eval"] if cfg.stage == "all" else [cfg.stage]
-    preflight(cfg, stages, [cfg.task] if cfg.stage == "teacher" else [t for t in cfg.tasks.split(",") if t])
+    stages = SUBSTAGES.get(cfg.stage, [cfg.stage])
+    first = resolve(cfg, stages[0])
+    task_names = [first.task] if cfg.stage == "teacher" else first.tasks.split(",")
+    if cfg.stage == "distill" and cfg.teachers:
+        task_names = list(parse_pairs(cfg.teachers, "--teachers"))
+    preflight(cfg, stages, task_names)
+    if cfg.device == "meta":
+        import bench
+        return bench.count(cfg)
     rank, world, device = dist_setup(cfg.device)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(1)
-    base = resolve(cfg, stages[0])
-    task_names = [base.task] if cfg.stage == "teacher" else [t for t in base.tasks.split(",") if t]
-    if cfg.stage == "distill" and cfg.teachers:
-        task_names = list(parse_pairs(cfg.teachers, "--teachers"))
-    tasks = [make_task(n, base, device) for n in task_names]
-    say(rank, "config: " + json.dumps(dataclasses.asdict(base)))
-    m = SD3(load_pipeline(base, device, rank, world), base, device)
-    for t in tasks:
-        m.encode(t.train + t.test)
-    m.offload_text_encoders()
+    tasks = [make_task(n, first, device) for n in task_names]
+    say(rank, "config: " + json.dumps(dataclasses.asdict(first)))
+    m = SD3(load_pipeline(first, device, rank, world), first, device)
+    if cfg.compile:
+        m.tr.compile()
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
+    if cfg.stage in ("joint", "cascade", "compare", "noise", "bench"):  # not the method: other files
+        module = __import__("bench" if cfg.stage == "bench" else "baselines")
+        return getattr(module, cfg.stage)(cfg, m, tasks, rank, world)
     result = None
     for stage in stages:
         c = resolve(cfg, stage)
         if stage == "teacher":
             for t in tasks:
-                train_teacher(c, m, t, rank, world)
+                train_rl(c, m, [t], f"teacher-{t.name}", rank, world)
         elif stage == "distill":
-            dirs = parse_pairs(c.teachers, "--teachers") if c.teachers else \
-                {t.name: os.path.join(c.out, f"teacher-{t.name}") for t in tasks}
-            distill(c, m, tasks, dirs, rank, world)
-        elif stage == "bench":
-            result = bench(c, m, tasks, rank, world)
+            distill(c, m, tasks, teacher_dirs(c, task_names), rank, world)
         else:
             result = evaluate(c, m, tasks, rank, world, parse_pairs(c.lora, "--lora"))
     return result
@@ -1466,6 +1407,11 @@ def main(argv=None):
         say(int(os.environ.get("RANK", 0)), f"done in {time.time() - t0:.0f}s")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except OSError as e:  # a path the user gave that cannot be read or written (permissions, a full disk)
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr, flush=True)
         code = 2
     if torch.distributed.is_initialized():
         # Leave without interpreter shutdown. DDP's reducer keeps the process group (and gloo's

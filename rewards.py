@@ -14,8 +14,9 @@ Model-based rewards (loaded lazily on the first call, once; no grad; batched):
   hpsv2        HPSv2.1 (CLIP-H):      cos(image, text)  (about 0.2-0.35)
   aesthetic    LAION aesthetic predictor v2: an MLP on the normalised CLIP ViT-L/14 image
                embedding, the raw score (about 1-10; DDPO and Flow-GRPO use it unscaled)
-  imagereward  ImageReward-v1.0 through its own package (pip install image-reward)
-  geneval      GenEval's rules over a COCO Mask2Former (transformers) and CLIP colour labels
+  imagereward  ImageReward-v1.0: its checkpoint loaded into transformers' BLIP (no package needed)
+  geneval      GenEval's verdict (0/1) over a COCO Mask2Former (transformers) and CLIP colours
+  geneval_partial  Flow-GRPO's partial GenEval score (per clause: count, colour, position)
 Weights come from the Hugging Face hub or its local cache (from_pretrained). Offline and not
 cached, the first call stops with one line naming the model id. Another model or a local folder:
 "name=ID_OR_DIR" in the spec, e.g. "pickscore=/data/PickScore_v1:1,clipscore:1".
@@ -36,8 +37,9 @@ def _package(name, module, pip):
     import importlib
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise RewardError(f"the {name!r} reward needs {module}: pip install {pip}") from None
+    except ImportError as e:  # the cause may be the package's own import of another one
+        raise RewardError(f"the {name!r} reward needs {module}, whose import failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}): pip install {pip}") from None
 
 
 # ---------------------------------------------------------------------------- toy (tiny model)
@@ -71,7 +73,7 @@ def position(images, prompts, metadata=None):
     return torch.stack([halves[s][i].mean() - halves[opposite[s]][i].mean() for i, s in enumerate(sides)])
 
 
-def _uint8(images):
+def uint8(images):
     """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 numpy, as PIL and OCR engines want it."""
     return (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -79,7 +81,7 @@ def _uint8(images):
 def _jpeg_kb(images, quality=95):
     from PIL import Image
     out = []
-    for im in _uint8(images):
+    for im in uint8(images):
         buf = io.BytesIO()
         Image.fromarray(im).save(buf, format="JPEG", quality=quality)
         out.append(buf.tell() / 1000)
@@ -108,16 +110,29 @@ def _levenshtein(a, b):
 
 
 def ocr_target(prompt):
-    """The text to render: the first quoted span of the prompt."""
-    m = re.search(r'"([^"]+)"|\'([^\']+)\'|“([^”]+)”', prompt)
-    if not m:
-        raise ValueError(f"the OCR prompt {prompt!r} has no quoted text to render")
-    return next(g for g in m.groups() if g)
+    """The text to render: the first span in straight double quotes (Flow-GRPO's rule), else in
+    curly double quotes, else in single quotes that are not apostrophes (so "a bird's-eye view of
+    a tower's top" has none)."""
+    for quoted in (r'"([^"]+)"', r"\u201c([^\u201d]+)\u201d", r"(?<!\w)'([^']+)'(?!\w)"):
+        m = re.search(quoted, prompt)
+        if m:
+            return m.group(1)
+    raise ValueError(f"the OCR prompt {prompt!r} has no quoted text to render")
+
+
+def ocr_score(read, target):
+    """Flow-GRPO's OCR reward on lower-cased text without spaces: 1 when the target appears
+    inside the text read, else 1 - min(1, Levenshtein(read, target) / len(target))."""
+    norm = lambda s: re.sub(r"\s+", "", s.lower())
+    read, target = norm(read), norm(target)
+    if target in read:
+        return 1.0
+    return 1 - min(1.0, _levenshtein(read, target) / max(1, len(target)))
 
 
 class OCR:
-    """Flow-GRPO's OCR reward: 1 - min(1, Levenshtein(pred, target) / len(target)) on lower-cased
-    text without spaces; the prediction is all text rapidocr reads, joined."""
+    """Flow-GRPO's OCR reward (ocr_score) on all the text rapidocr reads (PP-OCRv4 models, as
+    Flow-GRPO's PaddleOCR), joined."""
 
     def __init__(self, device="cpu"):
         self.engine = None
@@ -129,17 +144,17 @@ class OCR:
 
     def __call__(self, images, prompts, metadata=None):
         self.load()
-        norm = lambda s: re.sub(r"\s+", "", s.lower())
         out = []
-        for im, p in zip(_uint8(images), prompts):
+        for im, p in zip(uint8(images), prompts):
             result, _ = self.engine(im[..., ::-1].copy())  # RapidOCR takes BGR arrays
-            pred = norm("".join(r[1] for r in result or []))
-            target = norm(ocr_target(p))
-            out.append(1 - min(1.0, _levenshtein(pred, target) / max(1, len(target))))
+            out.append(ocr_score("".join(r[1] for r in result or []), ocr_target(p)))
         return torch.tensor(out, device=images.device)
 
 
 # ---------------------------------------------------------------------------- model-based: loading
+_SHARED = {}  # loaded models, shared by the rewards that use the same one
+
+
 def _load(name, model_id, fn):
     """fn() loads model_id from the hub or its cache; any failure becomes one RewardError line."""
     try:
@@ -152,7 +167,7 @@ def _load(name, model_id, fn):
                           f"as {name}=DIR in the reward spec") from None
 
 
-def _quiet():
+def quiet():
     """transformers: errors only (its image processors warn that torchvision is absent)."""
     from transformers.utils import logging
     logging.set_verbosity_error()
@@ -216,6 +231,7 @@ def openclip_to_hf(sd):
 
 
 # ---------------------------------------------------------------------------- model-based: CLIP family
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_L = "openai/clip-vit-large-patch14"
 CLIP_MODELS = {  # name -> (model id, id of the tokenizer/image processor when the model has none)
@@ -252,9 +268,15 @@ class CLIPReward:
         self.model = None
 
     def load(self):
-        if self.model is not None:
-            return self
-        _quiet()
+        if self.model is None:  # one copy per (reward, model, device), however many rewards use it
+            key = (self.name, self.model_id, str(self.device))
+            if key not in _SHARED:
+                _SHARED[key] = self._build()
+            self.__dict__.update(_SHARED[key])
+        return self
+
+    def _build(self):
+        quiet()
         from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
         mid, default_proc = self.model_id, CLIP_MODELS[self.name][1]
         local = os.path.isdir(mid)
@@ -286,17 +308,26 @@ class CLIPReward:
             self.head.load_state_dict(_load(self.label, head, lambda: torch.load(head, map_location="cpu",
                                                                                 weights_only=True)))
             self.head.eval().requires_grad_(False).to(self.device)
-        return self
+        return {k: getattr(self, k) for k in ("model", "tokenizer", "size", "mean", "std", "max_len", "head")
+                if hasattr(self, k)}
+
+    def pixels(self, images):
+        """(B, 3, H, W) in [0, 1] -> CLIP's input: short side to its size (bicubic), centre crop."""
+        return clip_pixels(images.to(self.device), self.size, self.mean, self.std)
 
     @torch.no_grad()
-    def image_embeds(self, images):
-        """(B, 3, H, W) in [0, 1] -> (B, E) unit-norm image embeddings."""
+    def embed_pixels(self, px):
+        """CLIP pixel values (B, 3, S, S) -> (B, E) unit-norm image embeddings."""
         out = []
-        for i in range(0, len(images), self.batch):
-            px = clip_pixels(images[i:i + self.batch].to(self.device), self.size, self.mean, self.std)
-            e = self.model.visual_projection(self.model.vision_model(pixel_values=px).pooler_output)
+        for i in range(0, len(px), self.batch):
+            e = self.model.visual_projection(self.model.vision_model(pixel_values=px[i:i + self.batch]).pooler_output)
             out.append(torch.nn.functional.normalize(e.float(), dim=-1))
         return torch.cat(out)
+
+    def image_embeds(self, images):
+        """(B, 3, H, W) in [0, 1] -> (B, E) unit-norm image embeddings."""
+        return torch.cat([self.embed_pixels(self.pixels(images[i:i + self.batch]))
+                          for i in range(0, len(images), self.batch)])
 
     @torch.no_grad()
     def text_embeds(self, texts):
@@ -321,25 +352,86 @@ class CLIPReward:
         return score.to(images.device)
 
 
-class ImageReward:
-    """ImageReward-v1.0 (BLIP + MLP, normalised) through its own package, which brings its BLIP code."""
+IMAGEREWARD = "THUDM/ImageReward"  # ImageReward.pt (BLIP ViT-L + BERT + MLP) and med_config.json
+IMAGEREWARD_NORM = (0.16717362830052426, 1.0333394966054072)  # its reward's mean and std, for (r - mean) / std
 
-    def __init__(self, model_id=None, device="cpu"):
-        self.model_id, self.device, self.model = model_id or "ImageReward-v1.0", device, None
+
+def imagereward_to_hf(sd):
+    """ImageReward's checkpoint in the names of transformers' BLIP parts, as three state dicts
+    (vision, text, mlp). Its vision tower is BLIP's timm-style ViT (patch_embed.proj, cls_token,
+    pos_embed, blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm); its text
+    encoder is BLIP's BERT with cross-attention, whose names transformers' BlipTextModel keeps."""
+    vision, text, mlp = {}, {}, {}
+    names = [(r"^patch_embed\.proj\.", "embeddings.patch_embedding."), (r"^cls_token$", "embeddings.class_embedding"),
+             (r"^pos_embed$", "embeddings.position_embedding"), (r"^blocks\.", "encoder.layers."),
+             (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."), (r"\.attn\.qkv\.", ".self_attn.qkv."),
+             (r"\.attn\.proj\.", ".self_attn.projection."), (r"^norm\.", "post_layernorm.")]
+    for k, v in sd.items():
+        if k.startswith("blip.visual_encoder."):
+            k = k[len("blip.visual_encoder."):]
+            for pat, rep in names:
+                k = re.sub(pat, rep, k)
+            vision[k] = v
+        elif k.startswith("blip.text_encoder.") and not k.endswith("position_ids"):
+            text[k[len("blip.text_encoder."):]] = v
+        elif k.startswith("mlp."):
+            mlp[k[len("mlp."):]] = v
+    return vision, text, mlp
+
+
+class ImageReward:
+    """ImageReward-v1.0 on transformers' BLIP parts (its package pins an old transformers and
+    cannot import beside transformers 5): the image's ViT-L tokens feed the BERT's
+    cross-attention over the prompt (35 tokens), whose [CLS] state goes through the MLP head;
+    reward = (mlp - mean) / std. The image gets CLIP's transform at 224 px, as the package's."""
+
+    def __init__(self, model_id=None, device="cpu", tokenizer_id="bert-base-uncased"):
+        self.model_id, self.device, self.tokenizer_id, self.vision = model_id or IMAGEREWARD, torch.device(device), tokenizer_id, None
 
     def load(self):
-        if self.model is None:
-            RM = _package("imagereward", "ImageReward", "image-reward (not in requirements.txt: it pins its own "
-                          "timm/BLIP stack)")
-            self.model = _load("imagereward", self.model_id, lambda: RM.load(self.model_id, device=str(self.device)))
+        if self.vision is not None:
+            return self
+        quiet()
+        import json
+        from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+        ckpt, med = (_hub_file("imagereward", self.model_id, f) for f in ("ImageReward.pt", "med_config.json"))
+
+        def build():
+            vision, text, mlp = imagereward_to_hf(torch.load(ckpt, map_location="cpu", weights_only=True))
+            m = json.load(open(med))
+            d, patch = vision["embeddings.class_embedding"].shape[-1], vision["embeddings.patch_embedding.weight"].shape[-1]
+            side = round((vision["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
+            self.vision = BlipVisionModel(BlipVisionConfig(
+                hidden_size=d, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                num_hidden_layers=len({k.split(".")[2] for k in vision if k.startswith("encoder.layers.")}),
+                num_attention_heads=max(1, d // 64), image_size=side * patch, patch_size=patch, layer_norm_eps=1e-6))
+            self.text = BlipTextModel(BlipTextConfig(
+                vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], num_hidden_layers=m["num_hidden_layers"],
+                num_attention_heads=m["num_attention_heads"], intermediate_size=m["intermediate_size"],
+                max_position_embeddings=m["max_position_embeddings"], layer_norm_eps=m["layer_norm_eps"],
+                encoder_hidden_size=m["encoder_width"], hidden_act=m["hidden_act"]), add_pooling_layer=False)
+            self.mlp = AestheticMLP(m["hidden_size"])  # the same head layout (Linear, Dropout, ...)
+            for module, state in [(self.vision, vision), (self.text, text), (self.mlp, mlp)]:
+                module.load_state_dict(state)
+                module.eval().requires_grad_(False).to(self.device)
+            self.size = side * patch
+        _load("imagereward", ckpt, build)
+        tok = self.model_id if os.path.isfile(os.path.join(self.model_id, "vocab.txt")) else self.tokenizer_id
+        self.tokenizer = _load("imagereward", tok, lambda: AutoTokenizer.from_pretrained(tok))
         return self
 
+    @torch.no_grad()
     def __call__(self, images, prompts, metadata=None):
         self.load()
-        from PIL import Image
-        with torch.no_grad():
-            return torch.tensor([float(self.model.score(p, [Image.fromarray(im)]))
-                                 for im, p in zip(_uint8(images), prompts)], device=images.device)
+        px = clip_pixels(images.to(self.device), self.size, CLIP_MEAN, CLIP_STD)
+        img = self.vision(pixel_values=px).last_hidden_state  # (B, 1 + patches, D_v)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35,
+                             return_tensors="pt").to(self.device)
+        h = self.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=img,
+                      encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long, device=self.device)
+                      ).last_hidden_state[:, 0]
+        mean, std = IMAGEREWARD_NORM
+        return ((self.mlp(h.float()).squeeze(-1) - mean) / std).to(images.device)
 
 
 # ---------------------------------------------------------------------------- model-based: GenEval
@@ -348,16 +440,42 @@ class ImageReward:
 # crop; a relation holds when the box centres differ beyond 0.1 x the summed box sizes.
 GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_THRESHOLD = 0.3, 0.9, 16, 0.1
+# GenEval's class names (its object_names.txt): COCO's 80 detection classes in COCO's order
+GENEVAL_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+# other spellings of those classes in detectors' label files (COCO's own, darknet's)
+CLASS_ALIASES = {"sofa": "couch", "motorbike": "motorcycle", "aeroplane": "airplane", "diningtable": "dining table",
+                 "pottedplant": "potted plant", "tvmonitor": "tv", "mouse": "computer mouse", "remote": "tv remote",
+                 "keyboard": "computer keyboard", "cellphone": "cell phone", "hair dryer": "hair drier",
+                 "sportsball": "sports ball", "donut": "donut", "doughnut": "donut"}
+
+
+def geneval_classes(id2label):
+    """GenEval's name of each detector label. An 80-class head has COCO's order, which GenEval
+    relies on (it maps detections to names by index); other heads map by name, aliases applied."""
+    if len(id2label) == len(GENEVAL_CLASSES):
+        return list(GENEVAL_CLASSES)
+    names = [str(id2label[i]).lower().replace("_", " ").replace("-", " ") for i in range(len(id2label))]
+    return [CLASS_ALIASES.get(n, CLASS_ALIASES.get(n.replace(" ", ""), n)) for n in names]
 
 
 def geneval_select(detections, tag):
-    """Raw detections [{'class', 'score', 'box', 'mask'}] -> class -> the kept ones, best first."""
+    """Raw detections [{'class', 'score', 'box', 'mask'}] -> class -> the kept ones, best first:
+    confidence strictly above the threshold (GenEval's '>'), at most 16 a class."""
     keep = COUNTING_THRESHOLD if tag == "counting" else THRESHOLD
     objects = {}
     for d in sorted(detections, key=lambda d: -d["score"]):
-        if d["score"] >= keep and len(objects.setdefault(d["class"], [])) < MAX_OBJECTS:
+        if d["score"] > keep and len(objects.setdefault(d["class"], [])) < MAX_OBJECTS:
             objects[d["class"]].append(d)
-    return objects
+    return {k: v for k, v in objects.items() if v}
 
 
 def relative_position(a, b):
@@ -407,25 +525,64 @@ def geneval_check(objects, meta, colours_of):
     return not reasons, "; ".join(reasons)
 
 
+def geneval_partial(objects, meta, colours_of):
+    """Flow-GRPO's partial GenEval score (its reward server), the mean of one term per clause:
+    per include clause, the count 1 - |n - found| / n (every kept detection of the class); when
+    the count is exact, colour 1 - |n - matching| / n and position 1 (all relations hold) or 0,
+    else 0 for each of those clauses. (The public code also appends a 1 after a failed position,
+    an evident slip; here a failed position is 0.) Exclude clauses have no term."""
+    terms, groups = [], []
+    for req in meta.get("include", []):
+        cls, n = req["class"], req["count"]
+        found = objects.get(cls, [])
+        terms.append(1 - abs(n - len(found)) / n)
+        extra = [k for k in ("color", "position") if k in req]
+        if len(found) != n:
+            terms += [0.0] * len(extra)
+            groups.append(None)
+            continue
+        ok = True
+        if "color" in req:
+            match = colours_of(cls, found).count(req["color"])
+            terms.append(1 - abs(n - match) / n)
+            ok = match == n
+        if "position" in req:
+            rel, target = req["position"]
+            holds = ok and groups[target] is not None and all(
+                rel in relative_position(o["box"], t["box"]) for o in found for t in groups[target])
+            terms.append(float(holds))
+            ok = holds
+        groups.append(found if ok else None)
+    return sum(terms) / len(terms) if terms else 0.0
+
+
 class GenEval:
     """GenEval without mmdet: a COCO instance-segmentation Mask2Former (transformers; GenEval
-    itself uses a Mask2Former) and CLIP ViT-L/14 for colours. Reward = the verdict, 1 or 0
-    (its mean over prompts is GenEval's score). metadata: GenEval's per-prompt dicts."""
+    itself uses mmdet's Mask2Former, another implementation and input size, so this is a
+    training reward, not the official metric) and CLIP ViT-L/14 for colours. partial=False: the
+    verdict, 1 or 0 (its mean over prompts is GenEval's score); True: Flow-GRPO's partial score.
+    metadata: GenEval's per-prompt dicts."""
     DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 
-    def __init__(self, model_id=None, device="cpu", clip_id=CLIP_L):
-        self.detector_id, self.device = model_id or self.DETECTOR, torch.device(device)
+    def __init__(self, model_id=None, device="cpu", clip_id=CLIP_L, partial=False):
+        self.detector_id, self.device, self.partial = model_id or self.DETECTOR, torch.device(device), partial
         self.clip = CLIPReward("clipscore", clip_id, device, label="geneval")
         self.detector, self.palette = None, {}
 
     def load(self):
         if self.detector is None:
-            _quiet()
+            quiet()
             from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
             i = self.detector_id
-            self.processor = _load("geneval", i, lambda: AutoImageProcessor.from_pretrained(i))
-            self.detector = _load("geneval", i, lambda: Mask2FormerForUniversalSegmentation.from_pretrained(i))
-            self.detector.eval().requires_grad_(False).to(self.device)
+
+            def build():  # the verdict and the partial score share one detector
+                proc = _load("geneval", i, lambda: AutoImageProcessor.from_pretrained(i))
+                det = _load("geneval", i, lambda: Mask2FormerForUniversalSegmentation.from_pretrained(i))
+                return proc, det.eval().requires_grad_(False).to(self.device)
+            if (i, str(self.device)) not in _SHARED:
+                _SHARED[(i, str(self.device))] = build()
+            self.processor, self.detector = _SHARED[(i, str(self.device))]
+            self.names = geneval_classes(self.detector.config.id2label)
             self.clip.load()
         return self
 
@@ -435,11 +592,10 @@ class GenEval:
         from PIL import Image
         self.load()
         H, W = images.shape[-2:]
-        ims = [Image.fromarray(im) for im in _uint8(images)]
+        ims = [Image.fromarray(im) for im in uint8(images)]
         inputs = self.processor(images=ims, return_tensors="pt").to(self.device)
         res = self.processor.post_process_instance_segmentation(
             self.detector(**inputs), threshold=THRESHOLD, target_sizes=[(H, W)] * len(ims), return_binary_maps=True)
-        names = self.detector.config.id2label
         out = []
         for r in res:
             dets = []
@@ -448,38 +604,61 @@ class GenEval:
                 if mask.any():
                     ys, xs = mask.nonzero(as_tuple=True)
                     box = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
-                    dets.append({"class": names[seg["label_id"]], "score": seg["score"], "box": box, "mask": mask})
+                    dets.append({"class": self.names[seg["label_id"]], "score": seg["score"], "box": box, "mask": mask})
             out.append(dets)
         return out
 
+    def crops(self, image, dets):
+        """CLIP's input for each detection, as GenEval makes it: the image grey (#999) outside the
+        object's mask, cropped to its box, then CLIP's own transform (short side to 224, bicubic,
+        centre crop). (N, 3, S, S)."""
+        im, out = image.float().cpu(), []
+        for d in dets:
+            x0, y0, x1, y1 = [int(v) for v in d["box"]]
+            masked = im if d.get("mask") is None else torch.where(d["mask"], im, torch.full_like(im, 0.6))
+            out.append(self.clip.pixels(masked[None, :, y0:y1, x0:x1]))
+        return torch.cat(out)
+
     @torch.no_grad()
     def colours(self, image, cls, dets):
-        """CLIP's zero-shot colour of each detection: its box crop, grey outside its mask."""
+        """CLIP's zero-shot colour of each detection (GenEval's three prompts per colour)."""
         self.load()
         if cls not in self.palette:
             temps = [f"a photo of a {{}} {cls}", f"a photo of a {{}}-colored {cls}", "a photo of a {} object"]
             e = torch.stack([self.clip.text_embeds([t.format(c) for c in GENEVAL_COLORS]) for t in temps])
             self.palette[cls] = torch.nn.functional.normalize(e.mean(0), dim=-1)  # (10, E)
-        crops = []
-        for d in dets:
-            x0, y0, x1, y1 = [int(v) for v in d["box"]]
-            im = image.float().cpu()
-            if d.get("mask") is not None:
-                im = torch.where(d["mask"].to(im.device), im, torch.full_like(im, 0.6))
-            crops.append(torch.nn.functional.interpolate(im[None, :, y0:y1, x0:x1], size=(64, 64), mode="bilinear"))
-        picks = (self.clip.image_embeds(torch.cat(crops)) @ self.palette[cls].T).argmax(-1)
+        picks = (self.clip.embed_pixels(self.crops(image, dets)) @ self.palette[cls].T).argmax(-1)
         return [GENEVAL_COLORS[i] for i in picks.tolist()]
 
     def verdicts(self, images, metadata):
         """[(correct, reasons)] for each image under its GenEval metadata."""
+        return [geneval_check(geneval_select(dets, m.get("tag")), m, lambda c, ds, im=im: self.colours(im, c, ds))
+                for im, dets, m in zip(images, self.detect(images), self._meta(metadata))]
+
+    def _meta(self, metadata):
         if not metadata or any(not m or "include" not in m for m in metadata):
             raise ValueError("the geneval reward needs GenEval metadata for every prompt "
                              "(--prompts a GenEval metadata jsonl)")
-        return [geneval_check(geneval_select(dets, m.get("tag")), m, lambda c, ds, im=im: self.colours(im, c, ds))
-                for im, dets, m in zip(images, self.detect(images), metadata)]
+        return metadata
 
     def __call__(self, images, prompts, metadata=None):
-        return torch.tensor([float(ok) for ok, _ in self.verdicts(images, metadata)], device=images.device)
+        if not self.partial:
+            return torch.tensor([float(ok) for ok, _ in self.verdicts(images, metadata)], device=images.device)
+        return torch.tensor([geneval_partial(geneval_select(dets, m.get("tag")), m, lambda c, ds, im=im: self.colours(im, c, ds))
+                             for im, dets, m in zip(images, self.detect(images), self._meta(metadata))], device=images.device)
+
+
+def export_geneval(folder, metas, prompt_index, seed_index, images):
+    """Images in the layout GenEval's evaluation/evaluate_images.py reads: <folder>/<prompt index
+    :05>/metadata.jsonl (the prompt's metadata, one JSON object) and samples/<seed :05>.png."""
+    import json
+    from PIL import Image
+    for meta, i, s, im in zip(metas, prompt_index, seed_index, uint8(images)):
+        d = os.path.join(folder, f"{i:05d}")
+        os.makedirs(os.path.join(d, "samples"), exist_ok=True)
+        with open(os.path.join(d, "metadata.jsonl"), "w") as f:
+            json.dump(meta, f)
+        Image.fromarray(im).save(os.path.join(d, "samples", f"{s:05d}.png"))
 
 
 # ---------------------------------------------------------------------------- registry
@@ -494,8 +673,9 @@ REGISTRY = {  # name -> (factory(model_id or None, device) -> fn, what it needs)
     "clipscore": (lambda i, d: CLIPReward("clipscore", i, d), f"transformers + {CLIP_L} (hub)"),
     "hpsv2": (lambda i, d: CLIPReward("hpsv2", i, d), f"transformers + xswu/HPSv2/{HPS_FILE} (hub, open_clip format)"),
     "aesthetic": (lambda i, d: CLIPReward("aesthetic", i, d), f"transformers + {CLIP_L} + {'/'.join(AESTHETIC_HEAD)} (hub)"),
-    "imagereward": (lambda i, d: ImageReward(i, d), "pip install image-reward (its own package and weights)"),
-    "geneval": (lambda i, d: GenEval(i, d), f"transformers + {GenEval.DETECTOR} + {CLIP_L} (hub); GenEval metadata"),
+    "imagereward": (lambda i, d: ImageReward(i, d), f"transformers (BLIP) + {IMAGEREWARD} + bert-base-uncased (hub)"),
+    "geneval": (lambda i, d: GenEval(i, d), f"transformers + scipy + {GenEval.DETECTOR} + {CLIP_L} (hub); GenEval metadata"),
+    "geneval_partial": (lambda i, d: GenEval(i, d, partial=True), "as geneval; Flow-GRPO's partial score"),
 }
 
 

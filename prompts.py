@@ -1,0 +1,179 @@
+"""
+Built-in prompt sets of the real tasks, so that `python opd.py --task geneval|ocr|aesthetic`
+runs without a prompt file; and the reading of prompt files (--prompts, --test_prompts).
+
+  geneval    GenEval-style prompts with their metadata, from GenEval's templates, its 80 COCO
+             class names and 10 colours: single object, two objects, counting (2-4), colours,
+             relative position, colour attribution (the six tags of GenEval's suite).
+  ocr        quoted-text prompts: a scene template and one to three words of a word list.
+  aesthetic  subject + setting + style prompts.
+
+Each set is generated deterministically (fixed seed); a prompt goes to the test split when a
+hash of its text says so (about 1 in 10), so train and test never share a prompt. GenEval's
+official evaluation metadata stays an option: --test_prompts evaluation_metadata.jsonl (then
+any train prompt it contains is dropped from the train split).
+"""
+import json
+import zlib
+
+import torch
+
+from options import UserError
+
+
+def read(path):
+    """A prompt file: text (one prompt a line) or GenEval metadata jsonl ({"prompt": ...} a line).
+    Returns (prompts, {prompt: metadata})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise UserError(f"cannot read prompt file {path!r}: {why}") from None
+    prompts, meta = [], {}
+    for line in (l.strip() for l in lines):
+        if not line:
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                m = None
+            if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
+                raise UserError(f'{path}: a line is not a JSON object with a "prompt": {line[:60]!r}')
+            prompts.append(m["prompt"]); meta[m["prompt"]] = m
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UserError(f"prompt file {path} is empty")
+    return prompts, meta
+
+
+# ---------------------------------------------------------------------------------- GenEval
+def with_article(name):
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"  # GenEval's rule
+
+
+def plural(name):
+    return f"{name}es" if name.endswith("s") else f"{name}s"  # GenEval's rule
+
+
+NUMBERS = ["zero", "one", "two", "three", "four"]
+RELATIONS = ["left of", "right of", "above", "below"]
+
+
+def geneval(n=1000, seed=0):
+    """GenEval-style metadata dicts: every single-object, counting (2-4) and colour prompt, and n
+    sampled two-object, position and colour-attribution prompts. Colour prompts never name a
+    person (as GenEval). Metadata as GenEval's: tag, include [{class, count, color?, position?}],
+    exclude (counting), prompt."""
+    from rewards import GENEVAL_CLASSES as C, GENEVAL_COLORS as K
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k, m: torch.randperm(m, generator=g)[:k].tolist()
+    things = [c for c in C if c != "person"]
+    out = [dict(tag="single_object", include=[{"class": c, "count": 1}], prompt=f"a photo of {with_article(c)}") for c in C]
+    out += [dict(tag="counting", include=[{"class": c, "count": k}], exclude=[{"class": c, "count": k + 1}],
+                 prompt=f"a photo of {NUMBERS[k]} {plural(c)}") for c in C for k in (2, 3, 4)]
+    out += [dict(tag="colors", include=[{"class": c, "count": 1, "color": k}], prompt=f"a photo of {with_article(k)} {c}")
+            for c in things for k in K]
+    for _ in range(n):
+        a, b = pick(2, len(C))
+        out.append(dict(tag="two_object", include=[{"class": C[a], "count": 1}, {"class": C[b], "count": 1}],
+                        prompt=f"a photo of {with_article(C[a])} and {with_article(C[b])}"))
+        a, b = pick(2, len(C))
+        rel = RELATIONS[pick(1, 4)[0]]
+        out.append(dict(tag="position", include=[{"class": C[b], "count": 1},
+                                                 {"class": C[a], "count": 1, "position": [rel, 0]}],
+                        prompt=f"a photo of {with_article(C[a])} {rel} {with_article(C[b])}"))
+        (a, b), (ka, kb) = pick(2, len(things)), pick(2, len(K))
+        out.append(dict(tag="color_attr", include=[{"class": things[a], "count": 1, "color": K[ka]},
+                                                   {"class": things[b], "count": 1, "color": K[kb]}],
+                        prompt=f"a photo of {with_article(K[ka])} {things[a]} and {with_article(K[kb])} {things[b]}"))
+    return list({m["prompt"]: m for m in out}.values())  # de-duplicated, first kept
+
+
+# ---------------------------------------------------------------------------------- OCR
+SCENES = [
+    'a wooden sign by a forest trail that reads "{}"', 'a neon sign in a dark alley saying "{}"',
+    'a chalkboard menu outside a cafe with "{}" written on it', 'a t-shirt printed with the words "{}"',
+    'a vintage book cover titled "{}"', 'a birthday cake with "{}" written in icing',
+    'a street banner over a busy road that says "{}"', 'a coffee mug with "{}" printed on it',
+    'a handwritten note on a desk that says "{}"', 'a billboard on a highway with the slogan "{}"',
+    'a movie poster with the title "{}"', 'a shop window with "{}" painted in gold letters',
+    'a license plate that reads "{}"', 'a cardboard box stamped with "{}"',
+    'a protest sign held up in a crowd that says "{}"', 'a road sign in the desert reading "{}"',
+    'a graffiti wall with "{}" sprayed in bright colours', 'a bakery storefront called "{}"',
+    'a greeting card that says "{}"', 'a computer screen showing the word "{}"',
+    'a sand beach with "{}" written in the sand', 'a glowing hologram spelling "{}"',
+    'a wooden crate labelled "{}"', 'a notebook cover with "{}" on it',
+]
+WORDS = """hello world open closed sale welcome home coffee bakery garden river ocean mountain sunrise
+sunset forest library museum station market harbor bridge castle village city night morning
+summer winter autumn spring dream hope love peace joy freedom future past stay calm keep going
+fresh bread hot soup cold drinks fast food free wifi no parking exit enter push pull danger quiet
+please thank you good luck happy birthday best wishes grand opening last chance new arrivals
+music dance party festival cinema theater gallery studio workshop factory office school college
+apple banana cherry lemon mango orange peach pepper tomato potato carrot onion garlic honey sugar
+salt tea milk juice water fire earth wind storm thunder rain snow cloud star moon sun planet
+rocket robot dragon tiger eagle wolf bear fox owl whale shark turtle rabbit horse zebra lion""".split()
+
+
+def ocr(n=4000, seed=0):
+    """n prompts asking for one to three words of WORDS, quoted, in a scene of SCENES."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = 1 + int(torch.randint(3, (), generator=g))
+        words = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=g).tolist())
+        out.append(SCENES[int(torch.randint(len(SCENES), (), generator=g))].format(words.title() if k > 1 else words))
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------------- aesthetic
+SUBJECTS = ["an old fisherman mending a net", "a red fox in fresh snow", "a lighthouse on a rocky coast",
+            "a bowl of ramen", "a cat asleep on a windowsill", "a mountain lake at dawn", "a busy night market",
+            "a dancer mid-leap", "a vintage car on a desert road", "a field of sunflowers", "a gothic cathedral",
+            "a hummingbird at a flower", "a cozy reading nook", "a waterfall in a jungle", "a city skyline in rain",
+            "a child flying a kite", "a steaming cup of tea", "an astronaut on a quiet planet", "a koi pond",
+            "a snowy village at night", "a wolf howling at the moon", "a sailing ship in a storm",
+            "a bouquet of peonies", "a desert canyon", "a street musician", "a castle on a hill",
+            "a bamboo forest", "a portrait of a young woman with freckles", "a steam train on a viaduct",
+            "an owl on a branch", "a tropical beach at sunset", "a bustling train station", "a glass of red wine"]
+SETTINGS = ["at golden hour", "in soft morning light", "under a starry sky", "in thick fog", "after rain",
+            "in autumn", "in spring bloom", "at blue hour", "lit by candles", "in winter", "on a summer afternoon"]
+STYLES = ["cinematic photograph, 35mm", "oil painting", "watercolor illustration", "studio photograph, 85mm",
+          "digital art, highly detailed", "ink sketch", "pastel drawing", "matte painting", "film photograph, grain",
+          "ukiyo-e print", "low-poly 3D render", "impressionist painting"]
+
+
+def aesthetic(n=3000, seed=0):
+    """n prompts: a subject, a setting and a style, drawn at random."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (), generator=g))]
+    return list(dict.fromkeys(f"{pick(SUBJECTS)} {pick(SETTINGS)}, {pick(STYLES)}" for _ in range(n)))
+
+
+# ---------------------------------------------------------------------------------- splits
+def is_test(prompt):
+    return zlib.crc32(prompt.encode()) % 10 == 0
+
+
+def builtin(task):
+    """(train prompts, test prompts, {prompt: metadata}) of a real task's built-in set."""
+    if task == "geneval":
+        metas = geneval()
+        prompts, meta = [m["prompt"] for m in metas], {m["prompt"]: m for m in metas}
+    else:
+        prompts, meta = (ocr() if task == "ocr" else aesthetic()), {}
+    return [p for p in prompts if not is_test(p)], [p for p in prompts if is_test(p)], meta
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="write a built-in prompt set (GenEval sets as metadata jsonl)")
+    ap.add_argument("task", choices=["geneval", "ocr", "aesthetic"])
+    ap.add_argument("split", choices=["train", "test"])
+    a = ap.parse_args()
+    train, test, meta = builtin(a.task)
+    for p in (train if a.split == "train" else test):
+        print(json.dumps(meta[p]) if meta else p)

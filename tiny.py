@@ -1,0 +1,209 @@
+"""
+The offline stand-in models of opd.py: nothing is downloaded, the classes are SD3.5-Medium's.
+
+  tiny          an SD3 pipeline built from configs (~0.1M-parameter transformer, 32 px images),
+                pretrained once for ~60 s on synthetic captioned images and cached, with three
+                toy tasks (color, position, jpeg) whose rewards need no model.
+  sd35m-random  SD3.5-Medium's transformer (its published config, ~2.5B parameters) with random
+                weights and tiny text encoders of the real widths: speed and memory of the real
+                transformer with nothing downloaded.
+
+Their numbers show that the machinery works, not what SD3.5 reaches.
+"""
+import os
+import time
+
+import torch
+
+TOY_TASKS = ("color", "position", "jpeg")
+
+
+TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
+
+
+def toy_prompts(name):
+    """The toy tasks' prompts, generated; a fixed split: every 4th prompt is held out."""
+    from rewards import COLORS, SUBJECTS
+    if name == "color":
+        ps = [f"a {c} {s}" for c in COLORS for s in SUBJECTS]
+    elif name == "position":  # left/right only: with top/bottom too, a teacher traded one for the other
+        ps = [f"a {w} {s} on the {side}" for side in ("left", "right") for s in SUBJECTS
+              for w in ("bright", "red", "green", "blue")]
+    else:
+        ps = [f"a {adj} picture of a {s}" for adj in TOY_ADJECTIVES for s in SUBJECTS]
+    return [p for i, p in enumerate(ps) if i % 4], ps[::4]
+
+
+def toy_tokenizer():
+    """A real CLIPTokenizer without files: a byte-level vocab (2 specials, 256 byte chars, the
+    same with </w>) plus BPE merges that make each word of the toy prompts one token, as a
+    trained CLIP vocab does for common words ('left' and 'right' are then not mostly the same
+    bytes)."""
+    from transformers import CLIPTokenizer
+    from rewards import COLORS, SIDES, SUBJECTS
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in bs] + [chr(256 + n) for n in range(256 - len(bs))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ["", "</w>"]:
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    merges = []
+    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture", "of"]
+    for w in sorted(words, key=len, reverse=True):  # longer first: 'bright' must not end in 'right'
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            if (cur, nxt) not in merges:
+                merges.append((cur, nxt))
+            cur += nxt
+            vocab.setdefault(cur, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+
+def build_offline(kind, seed=0):
+    """A StableDiffusion3Pipeline with random weights, built from configs (nothing downloaded).
+    kind 'tiny': ~0.1M-param transformer, 2x-downsampling VAE (runs on CPU in seconds).
+    kind 'sd35m-random': SD3.5-Medium's published transformer config (~2.5B params) with tiny
+    text encoders of the real widths and a tiny VAE: speed and memory of the real transformer."""
+    from opd import quiet_hf
+    quiet_hf()
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    tok = toy_tokenizer()
+    if kind == "tiny":
+        widths, tcfg = [(32, 32), (32, 32)], dict(
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32,
+            dual_attention_layers=(0,), qk_norm="rms_norm")
+        blocks, vae_ch = 2, 16
+    else:
+        widths, tcfg = [(64, 768), (64, 1280)], SD35M_TRANSFORMER
+        blocks, vae_ch = 4, 16  # VAE scale factor 8 as the real one
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=p, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
+        for h, p in widths]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(vae_ch,) * blocks,
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**tcfg).eval(), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0],
+        tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+
+
+def toy_images(n, g):
+    """n captioned 32x32 images for pretraining the tiny model: a flat background that is half
+    the colour the caption names, the side it names brighter, a little pixel noise. The toy
+    tasks ask for more than this data shows (the pure colour, a strong contrast, no noise)."""
+    from rewards import COLORS, SIDES, SUBJECTS
+    u = lambda: torch.rand((), generator=g).item()
+    pick = lambda xs: xs[int(u() * len(xs))]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    ramp = {"left": -xx, "right": xx, "top": -yy, "bottom": yy}
+    ims, caps = [], []
+    for _ in range(n):
+        c, s, side, adj = pick(list(COLORS)), pick(SUBJECTS), pick(SIDES), pick(TOY_ADJECTIVES)
+        form = pick(["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}", "{c} {s} on the {side}", ""])
+        caps.append(("a " + form.format(c=c, s=s, side=side, adj=adj)) if form else "")
+        col = torch.tensor(COLORS[c] if "{c}" in form else [u(), u(), u()], dtype=torch.float32)
+        im = 0.5 * (0.2 + 0.6 * torch.rand(3, 1, 1, generator=g)) + 0.5 * col.view(3, 1, 1)
+        im = im + (0.4 if "{side}" in form else 0.1 * u()) * ramp[side]
+        ims.append((im + 0.05 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1))
+    return torch.stack(ims), caps
+
+
+def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
+    """About 60 s on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
+    shift from data, then the transformer and both CLIP text encoders together by flow matching
+    (v = eps - x0, logit-normal t, 10% empty captions for CFG). Without this, a random tiny SD3
+    barely reacts to its prompt (1% of the velocity between 'left' and 'right') and its VAE
+    cannot change an image's mean colour; with the text encoders frozen at random, 500 steps
+    teach colour but not the side (a position reward of 0.04 against 0.44 when they train)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    vae, tr, encoders = pipe.vae, pipe.transformer, [pipe.text_encoder, pipe.text_encoder_2]
+    vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for _ in range(vae_steps):
+        x = toy_images(32, g)[0] * 2 - 1
+        z = vae.encode(x).latent_dist.mean
+        loss = F.mse_loss(vae.decode(z + 0.1 * torch.randn(z.shape, generator=g)).sample, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = vae.encode(toy_images(256, g)[0] * 2 - 1).latent_dist.mean
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
+    models = [tr, *encoders]
+    params = [p for mod in models for p in mod.parameters()]
+    for mod in models:
+        mod.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        ims, caps = toy_images(64, g)
+        caps = [c if keep else "" for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
+        uniq = list(dict.fromkeys(caps))
+        e, _, p, _ = pipe.encode_prompt(uniq, None, None, device="cpu", do_classifier_free_guidance=False,
+                                        max_sequence_length=8)  # with grad: the encoders learn too
+        row = {c: i for i, c in enumerate(uniq)}
+        pick = torch.tensor([row[c] for c in caps])
+        with torch.no_grad():
+            x0 = (vae.encode(ims * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        t = torch.sigmoid(torch.randn(64, generator=g)).view(-1, 1, 1, 1)
+        eps = torch.randn(x0.shape, generator=g)
+        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000, encoder_hidden_states=e[pick],
+               pooled_projections=p[pick], return_dict=False)[0]
+        loss = F.mse_loss(v, eps - x0)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+    for mod in models:
+        mod.eval().requires_grad_(False)
+    return loss.item()
+
+
+TINY_RECIPE = "tiny-v4"  # bump when build_offline("tiny") or pretrain_tiny change
+
+
+def tiny_pipeline(rank=0, world=1):
+    """The tiny default: build_offline("tiny") pretrained once by pretrain_tiny, then cached as
+    safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by every later run
+    and every rank, so all of them use the same weights."""
+    from safetensors.torch import load_file, save_file
+    cache = os.environ.get("OPD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd")
+    path = os.path.join(cache, TINY_RECIPE + ".safetensors")
+    pipe = build_offline("tiny")
+    parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    if rank == 0 and not os.path.isfile(path):
+        print(f"pretraining the tiny model once (~60 s), cached at {path}", flush=True)
+        t0 = time.time()
+        with torch.random.fork_rng():
+            loss = pretrain_tiny(pipe)
+        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items() for n, v in mod.state_dict().items()}
+        meta = {"scaling_factor": str(pipe.vae.config.scaling_factor), "shift_factor": str(pipe.vae.config.shift_factor)}
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+        print(f"tiny model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    state = load_file(path)
+    for k, mod in parts.items():
+        mod.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
+    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+    return pipe
