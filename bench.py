@@ -231,9 +231,13 @@ def bench(cfg, m, tasks, rank, world):
                 f"{mb(saved[True]):.1f} MB with gradient checkpointing; peak memory {mb(alone['peak']):.0f} MB one "
                 f"adapter, {mb(multi['peak']):.0f} MB with {len(tasks)} teacher adapters ({mb(nbytes(teachers)):.2f} MB "
                 f"of adapter weights; a transformer copy is {res['transformer_mb']:.2f} MB)")
-        os.makedirs(cfg.out, exist_ok=True)
-        opd.write_text(os.path.join(cfg.out, "bench.json"), json.dumps(res, indent=1))
+        write_json(cfg.out, "bench.json", res)
     return res
+
+
+def write_json(out, name, res):
+    os.makedirs(out, exist_ok=True)
+    opd.write_text(os.path.join(out, name), json.dumps(res, indent=1))
 
 
 def compiled(cfg, m, tasks, round_s):
@@ -244,7 +248,7 @@ def compiled(cfg, m, tasks, round_s):
     with torch.no_grad():
         eager = m.velocity("student", prompts, cfg.guidance)(x, 0.5)
     t0 = time.perf_counter()
-    m.tr.compile()
+    opd.compile_transformer(m.tr)
     round_s(lambda t: f"teacher-{t.name}")  # compiles
     round_s(lambda t: f"teacher-{t.name}", True)
     warm = time.perf_counter() - t0
@@ -345,13 +349,12 @@ def count(cfg, rank=0):
             rows[stage].update(round_tflop_fused=f[False] / 1e12, round_tflop_two_pass=f[True] / 1e12)
         tr.delete_adapters([stage])
     rows["text_encoders_gb"] = {"t5_xxl": T5_XXL_PARAMS * 2 / 1e9, "clip_l_g": CLIP_PARAMS * 2 / 1e9}
+    for stage in ("distill", "teacher"):
+        r = rows[stage]
+        opd.say(rank, f"{cfg.model} {r['resolution']}px {stage} (micro-batch {r['micro_batch']}, forward batch "
+                      f"{r['forward_batch']}): saved for backward {r['saved_gb']:.2f} GB, {r['saved_gb_checkpointing']:.2f} "
+                      f"GB with checkpointing; estimated peak {r['peak_gb_estimate']:.1f} GB, "
+                      f"{r['peak_gb_estimate_checkpointing']:.1f} GB with checkpointing (weights {r['weights_gb']:.2f} GB)")
     if rank == 0:
-        for stage in ("distill", "teacher"):
-            r = rows[stage]
-            opd.say(0, f"{cfg.model} {r['resolution']}px {stage} (micro-batch {r['micro_batch']}, forward batch "
-                       f"{r['forward_batch']}): saved for backward {r['saved_gb']:.2f} GB, {r['saved_gb_checkpointing']:.2f} GB "
-                       f"with checkpointing; estimated peak {r['peak_gb_estimate']:.1f} GB, "
-                       f"{r['peak_gb_estimate_checkpointing']:.1f} GB with checkpointing (weights {r['weights_gb']:.2f} GB)")
-        os.makedirs(cfg.out, exist_ok=True)
-        opd.write_text(os.path.join(cfg.out, "count.json"), json.dumps(rows, indent=1))
+        write_json(cfg.out, "count.json", rows)
     return rows

@@ -235,14 +235,9 @@ def check(c, stage):
             raise UserError(message)
 
 
-def parse_pairs(s, what="a NAME=VALUE list"):
-    out = {}
-    for item in [x for x in s.split(",") if x.strip()]:
-        k, sep, v = item.partition("=")
-        if not sep or not k.strip() or not v.strip():
-            raise UserError(f"{what}: expected NAME=VALUE, got {item!r}")
-        out[k.strip()] = v.strip()
-    return out
+def parse_pairs(s):
+    """'a=1,b=2' -> {'a': '1', 'b': '2'} (its Rule checked the form)."""
+    return {k.strip(): v.strip() for k, _, v in (i.partition("=") for i in s.split(",") if i.strip())}
 
 
 def parse_steps(s, n):
@@ -565,7 +560,7 @@ class SD3:
         self.tr = pipe.transformer
         self.dtype = self.tr.dtype
         self.cache, self.cache_bytes = collections.OrderedDict(), 0  # prompt -> (emb, pooled), CPU
-        self.active = "?"
+        self.active, self.layers, self.layers_key = "?", [], None
         self.trainable = []  # the adapter weights being trained
         self.latent = (self.tr.config.in_channels, cfg.resolution // pipe.vae_scale_factor,
                        cfg.resolution // pipe.vae_scale_factor)
@@ -613,23 +608,27 @@ class SD3:
         return sum(x.nbytes for x in self.cache[""])
 
     def use(self, adapter):
-        """Make an adapter active (None = the base model). peft makes the active adapter's
-        weights, and only those, require grad; we undo that: only self.trainable does. (A
-        leaf that stops requiring grad between forward and backward gets no gradient.)"""
+        """Make an adapter active (None = the base model) on every LoRA layer. peft's set_adapter
+        would also walk each layer's weights to make the active adapter trainable (a quarter of a
+        tiny distillation round went there); instead only self.trainable requires grad, set when
+        it or the adapters change. (A leaf that stops requiring grad between forward and backward
+        would get no gradient.)"""
         if adapter == self.active:
             return
-        if adapter is None:
-            if getattr(self.tr, "peft_config", None):  # no adapter at all: already the base
-                self.tr.disable_adapters()
-        else:
-            self.tr.enable_adapters()
-            self.tr.set_adapter(adapter)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        key = (tuple(getattr(self.tr, "peft_config", {})), tuple(map(id, self.trainable)))
+        if key != self.layers_key:
+            self.layers = [mod for mod in self.tr.modules() if isinstance(mod, BaseTunerLayer)]
+            for n, p in self.tr.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(False)
+            for p in self.trainable:
+                p.requires_grad_(True)
+            self.layers_key = key
+        for layer in self.layers:  # peft's own fields: the adapters a layer applies, and the switch
+            layer._disable_adapters = adapter is None
+            layer._active_adapter = [adapter] if adapter is not None else layer._active_adapter
         self.active = adapter
-        for n, p in self.tr.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(False)
-        for p in self.trainable:
-            p.requires_grad_(True)
 
     def velocity(self, adapter, prompts, guidance, module=None):
         """velocity(x, t) of the model with this adapter on these prompts, CFG with the empty
@@ -672,6 +671,14 @@ class SD3:
             z = x[i:i + batch] / vae.config.scaling_factor + vae.config.shift_factor
             out.append((vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1))
         return torch.cat(out)
+
+
+def compile_transformer(tr):
+    """torch.compile of the transformer. Each adapter and grad mode a loop switches between is
+    another graph: room for them all (with dynamo's default of 8 a round fell back to eager)."""
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    tr.compile()
 
 
 def chunks(n, size):
@@ -805,16 +812,13 @@ def encode_ahead(cfg, m, step, prompts_of):
 # training utilities: logging, AdamW, the EMA of the weights, a guarded optimizer step, timers,
 # DDP. Checkpoints (atomic, resumable; a finished stage is reused) are checkpoint.py's.
 # ----------------------------------------------------------------------------------------------
-class Logger:
-    """stdout and <run>/metrics.jsonl on rank 0."""
-
-    def __init__(self, run_dir, rank):
-        self.rank, self.path = rank, os.path.join(run_dir, "metrics.jsonl")
-
-    def __call__(self, **row):
-        if self.rank == 0:
-            with open(self.path, "a") as f:
+def logger(run_dir, rank):
+    """log(**row): a JSON line in <run>/metrics.jsonl, on rank 0."""
+    def log(**row):
+        if rank == 0:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
+    return log
 
 
 def say(rank, *a):
@@ -939,10 +943,11 @@ def rl_sample(cfg, m, tasks, step, rank, world, tm):
 
 
 def rl_backward(cfg, m, batches, step, epoch, rank, world, module, tm):
-    """Backward of the RL loss on the sampled batches: GRPO-Guard's clipped ratio on every stored
-    step, or NFT's loss at the sampler's times but the last on fresh noise around each x0."""
+    """Backward of the RL loss on the sampled batches at the sampler's steps but the last (Flow-GRPO's
+    timestep_fraction 0.99 of 10 steps): GRPO-Guard's clipped ratio on the stored steps, or NFT's
+    loss at those times on fresh noise around each x0."""
     b, N, nft = cfg.batch_size // world, cfg.num_steps, cfg.algo == "nft"
-    sigmas, steps = sd3_sigmas(N), range(N - 1) if nft else range(N)
+    sigmas, steps = sd3_sigmas(N), range(N - 1)  # all but the last step, as both public codes train
     n_back, done = len(batches) * len(chunks(b, cfg.micro_batch)) * len(steps), 0
     with tm("training"):
         for mi, (mine, traj, adv) in enumerate(batches):
@@ -1002,7 +1007,7 @@ def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
     if start:
         say(rank, f"resumed {run_dir} at step {start}")
     ddp = wrap_ddp(tr, world, m.device)
-    log, bad, b = Logger(run_dir, rank), 0, cfg.batch_size // world
+    log, bad, b = logger(run_dir, rank), 0, cfg.batch_size // world
     prompts_of = lambda s: [p for mi, t in enumerate(schedule(s))
                             for p in draw_prompts(cfg, t, s, mi, cfg.batch_size // cfg.group_size)]
     bar = _bar(range(start, cfg.steps), rank, name)
@@ -1126,12 +1131,8 @@ def distill_round(cfg, m, tasks, step, rank, world, module, tm, teacher_of, tg):
 
 def teacher_guidance(cfg, teacher_dirs):
     """Each teacher's CFG for its targets: --teacher_guidance, else the one it was trained with."""
-    given = {k: float(v) for k, v in parse_pairs(cfg.teacher_guidance).items()}
-    def own(d):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return float(json.load(open(os.path.join(d, "config.json")))["guidance"])
-        return cfg.guidance
-    return {k: given.get(k, own(d)) for k, d in teacher_dirs.items()}
+    given = parse_pairs(cfg.teacher_guidance)
+    return {k: float(given.get(k, run_info(d, "guidance", cfg.guidance))) for k, d in teacher_dirs.items()}
 
 
 def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None):
@@ -1157,7 +1158,7 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None):
     if start:
         say(rank, f"resumed {run_dir} at step {start}")
     ddp = wrap_ddp(tr, world, m.device)
-    log, bad, b = Logger(run_dir, rank), 0, cfg.batch_size // world
+    log, bad, b = logger(run_dir, rank), 0, cfg.batch_size // world
     prompts_of = lambda s: [p for mi, t in enumerate(tasks) for p in draw_prompts(cfg, t, s, mi, cfg.batch_size)[rank * b:(rank + 1) * b]]
     bar = _bar(range(start, cfg.steps), rank, name)
     for step in bar:
@@ -1210,8 +1211,7 @@ def held_out(cfg, m, tasks, adapter, guidance, rank, world, grid=None, export=No
         test = t.test[: cfg.eval_prompts] if cfg.eval_prompts else t.test
         test = [p for p in test for _ in range(cfg.eval_seeds)]
         mine = list(range(rank, len(test), world))
-        for s in chunks(len(mine), 4 * cfg.eval_batch):  # prompts embedded a chunk at a time
-            m.encode([test[i] for i in mine[s]])
+        m.encode(list(dict.fromkeys(test[i] for i in mine)))  # at once: one visit of the text encoders
         imgs = sample_images(m, adapter, [test[i] for i in mine], mine, cfg, guidance)
         r = score(t, imgs, [test[i] for i in mine], evaluation=True) if mine else torch.zeros(0)
         n = math.ceil(len(test) / world)  # pad to equal length for all_gather
@@ -1336,7 +1336,7 @@ SUBSTAGES = {"all": ["teacher", "distill", "eval"], "compare": ["teacher", "dist
 
 def teacher_dirs(cfg, tasks):
     """task -> teacher folder: --teachers, else <out>/teacher-<task>."""
-    return parse_pairs(cfg.teachers, "--teachers") if cfg.teachers else \
+    return parse_pairs(cfg.teachers) if cfg.teachers else \
         {t: os.path.join(cfg.out, f"teacher-{t}") for t in tasks}
 
 
@@ -1366,7 +1366,7 @@ def run(cfg):
     first = resolve(cfg, stages[0])
     task_names = [first.task] if cfg.stage == "teacher" else first.tasks.split(",")
     if cfg.stage == "distill" and cfg.teachers:
-        task_names = list(parse_pairs(cfg.teachers, "--teachers"))
+        task_names = list(parse_pairs(cfg.teachers))
     preflight(cfg, stages, task_names)
     if cfg.device == "meta":
         import bench
@@ -1378,8 +1378,8 @@ def run(cfg):
     tasks = [make_task(n, first, device) for n in task_names]
     say(rank, "config: " + json.dumps(dataclasses.asdict(first)))
     m = SD3(load_pipeline(first, device, rank, world), first, device)
-    if cfg.compile:
-        m.tr.compile()
+    if cfg.compile and cfg.stage != "bench":  # the bench times eager rounds first
+        compile_transformer(m.tr)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
     if cfg.stage in ("joint", "cascade", "compare", "noise", "bench"):  # not the method: other files
@@ -1394,7 +1394,7 @@ def run(cfg):
         elif stage == "distill":
             distill(c, m, tasks, teacher_dirs(c, task_names), rank, world)
         else:
-            result = evaluate(c, m, tasks, rank, world, parse_pairs(c.lora, "--lora"))
+            result = evaluate(c, m, tasks, rank, world, parse_pairs(c.lora))
     return result
 
 

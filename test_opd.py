@@ -386,7 +386,7 @@ def test_compare_runs_every_method_tiny(tmp_path):
     md = open(os.path.join(out, "eval.md")).read()
     assert all(f"| {k} |" in md for k in rows) and "train time" in md
     reach = json.load(open(os.path.join(out, "compare.json")))
-    assert reach["target"] == "joint-grpo_guard" and "says" in reach
+    assert set(reach) == {"joint-grpo_guard", "joint-nft", "cascade-nft"} and all("says" in r for r in reach.values())
     curve = [json.loads(l) for l in open(os.path.join(out, "student", "metrics.jsonl")) if "held_out" in l]
     assert [c["step"] for c in curve] == [0, 1, 2] and set(curve[-1]["held_out"]) == {"color", "jpeg"}
     assert json.load(open(os.path.join(out, "student-ppo", "config.json")))["noise_level"] == 0.7
