@@ -110,7 +110,8 @@ def parse(cls, argv=None, description=""):
         if f.metadata["rule"] is FLAG:
             ap.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
-            ap.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), help=f.metadata["help"])
+            ap.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(),
+                            help=f"{f.metadata['help']}; accepts {f.metadata['rule'].says}".replace("%", "%%"))
     args, values = vars(ap.parse_args(argv)), {}
     for f in dataclasses.fields(cls):
         v, rule = args[f.name], f.metadata["rule"]
