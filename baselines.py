@@ -158,9 +158,7 @@ def held_out_curve(run_dir):
 def time_to_reach(out, table, tasks, target):
     """Training seconds until OPD's student (teachers' seconds + distillation's, read from its
     held-out curve, normalised with the table's min and max) reaches the target's average."""
-    lo = {k: min(r[k] for r in table.values()) for k in tasks}
-    hi = {k: max(r[k] for r in table.values()) for k in tasks}
-    avg = lambda r: sum((r[k] - lo[k]) / (hi[k] - lo[k]) if hi[k] > lo[k] else 0.0 for k in tasks) / len(tasks)
+    avg = lambda r: opd.normalised_mean({"x": r}, tasks, ref=table)["x"]
     goal, secs = avg(table[target]), opd.method_seconds(table)
     teachers = secs["student"] - table["student"]["seconds"]
     hit = next(((s, e) for s, e, r in held_out_curve(os.path.join(out, "student")) if avg(r) >= goal), None)
@@ -184,14 +182,13 @@ def noise(cfg, m, tasks, rank, world):
     dirs = opd.teacher_dirs(cfg, names)
     d = opd.resolve(cfg, "distill")
     every = cfg.eval_every or max(1, d.steps // 10)
-    curves = {}
     for a in NOISE_LEVELS:
         c = dataclasses.replace(d, noise_level=a, eval_every=every)
         opd.distill(c, m, tasks, dirs, rank, world, name=f"noise/student-a{a}")
-        curves[a] = held_out_curve(os.path.join(cfg.out, f"noise/student-a{a}"))
-    if rank == 0:
+    if rank == 0:  # rank 0 wrote the curves
         res = {"eval_every": every, "levels": {}}
-        for a, curve in curves.items():
+        for a in NOISE_LEVELS:
+            curve = held_out_curve(os.path.join(cfg.out, f"noise/student-a{a}"))
             gain = [sum(r[k] - curve[0][2][k] for k in names) / len(names) for _, _, r in curve]  # mean gain over tasks
             hit = next(s for (s, _, _), g in zip(curve, gain) if g >= 0.9 * gain[-1]) if gain[-1] > 0 else None
             res["levels"][str(a)] = {"rounds": [s for s, _, _ in curve], "held_out": [r for _, _, r in curve],
@@ -201,7 +198,6 @@ def noise(cfg, m, tasks, rank, world):
             opd.say(0, f"a = {a}: rounds to 90% of the final gain {r['rounds_to_90pct']} "
                        f"(final mean gain {r['mean_gain'][-1]:+.3f})")
         noise_figure(os.path.join(cfg.out, "noise.png"), res, names)
-    return curves
 
 
 def noise_figure(path, res, names):

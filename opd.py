@@ -51,6 +51,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import time
 
 import torch
@@ -625,9 +626,10 @@ class SD3:
             for p in self.trainable:
                 p.requires_grad_(True)
             self.layers_key = key
-        for layer in self.layers:  # peft's own fields: the adapters a layer applies, and the switch
+        for layer in self.layers:  # peft's own fields: the switch, and the adapters a layer applies
             layer._disable_adapters = adapter is None
-            layer._active_adapter = [adapter] if adapter is not None else layer._active_adapter
+            if adapter is not None:
+                layer._active_adapter = [adapter]
         self.active = adapter
 
     def velocity(self, adapter, prompts, guidance, module=None):
@@ -804,9 +806,8 @@ def encode_ahead(cfg, m, step, prompts_of):
     """Embed the prompts of the next steps at once (prompts_of(step) -> list), as many steps as
     fill half the embedding cache: the text encoders then visit the GPU once per so many steps."""
     first = prompts_of(step)
-    per_step = max(1, len(set(first))) * m.prompt_bytes()
-    ahead = max(1, min(64, int(cfg.embed_cache_mb * 2**20 / 2 // per_step)))
-    if step % ahead == 0 or any(p not in m.cache for p in first):
+    if any(p not in m.cache for p in first):  # else they were embedded ahead
+        ahead = max(1, min(64, int(cfg.embed_cache_mb * 2**20 / 2 // (len(set(first)) * m.prompt_bytes()))))
         m.encode([p for s in range(step, min(step + ahead, cfg.steps)) for p in prompts_of(s)])
 # ----------------------------------------------------------------------------------------------
 # training utilities: logging, AdamW, the EMA of the weights, a guarded optimizer step, timers,
@@ -1275,10 +1276,12 @@ def evaluate(cfg, m, tasks, rank, world, loras=None):
     return table
 
 
-def normalised_mean(table, tasks):
-    """Mean over tasks of min-max-normalised scores across the compared models (paper Table 1)."""
-    lo = {k: min(r[k] for r in table.values()) for k in tasks}
-    hi = {k: max(r[k] for r in table.values()) for k in tasks}
+def normalised_mean(table, tasks, ref=None):
+    """Mean over tasks of min-max-normalised scores across the compared models (paper Table 1);
+    the minima and maxima are those of ref (default: the table itself)."""
+    ref = ref or table
+    lo = {k: min(r[k] for r in ref.values()) for k in tasks}
+    hi = {k: max(r[k] for r in ref.values()) for k in tasks}
     return {name: sum((r[k] - lo[k]) / (hi[k] - lo[k]) if hi[k] > lo[k] else 0.0 for k in tasks) / len(tasks)
             for name, r in table.items()}
 
@@ -1313,12 +1316,8 @@ def samples_figure(path, models, grid, n_tasks, cell=128):
     font = ImageFont.load_default(size=11)
     canvas = Image.new("RGB", (left + cell * len(prompts), top + cell * len(models)), "white")
     draw = ImageDraw.Draw(canvas)
-    for c, p in enumerate(prompts):  # column labels: the prompt, wrapped onto two lines
-        words, lines = p.split(), ["", ""]
-        for w in words:
-            k = 0 if len(lines[0]) + len(w) < 22 else 1
-            lines[k] += w + " "
-        draw.multiline_text((left + c * cell + 3, 2), "\n".join(l.strip()[:24] for l in lines), fill="black", font=font)
+    for c, p in enumerate(prompts):  # column labels: the prompt, on two lines at most
+        draw.multiline_text((left + c * cell + 3, 2), "\n".join(textwrap.wrap(p, 22)[:2]), fill="black", font=font)
     for r, name in enumerate(models):
         draw.text((4, top + r * cell + cell // 2 - 6), name, fill="black", font=font)
         ims = torch.cat([g[0] for g in grid[r * n_tasks:(r + 1) * n_tasks]])
