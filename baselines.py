@@ -1,25 +1,35 @@
 """
-The paper's comparisons on the SD3 path, reached through opd.py's --stage and --loss:
+The paper's comparisons on opd.py's SD3 code path, a runnable script of its own:
+
+    python baselines.py --stage compare          # every method below from the same teachers
+    python baselines.py --stage noise            # OPD with rollouts at a = 0, 0.3, 0.7
+    python baselines.py --stage joint --algo nft # one multi-task RL baseline
+    python baselines.py --stage distill --loss sft --teachers color=DIR   # one student
+    torchrun --nproc_per_node=2 baselines.py --stage joint
 
   --stage joint     multi-task RL: one LoRA, every step draws prompts from every task, each image
                     scored by its own task's reward, advantages within its prompt's group
   --stage cascade   multi-task RL, one task after another in --tasks order, one LoRA throughout
                     (both with --algo grpo_guard or nft: the paper's Multi-task GRPO-Guard,
                     Multi-task NFT, Cascade NFT)
-  --loss sft        off-policy: the teacher rolls out (ODE); the student's mean is matched to the
-                    teacher's on the teacher's states (the closed-form loss on other states)
-  --loss dance      DanceOPD: the student's ODE trajectory to one low-noise state; velocity MSE to
-                    the teachers' mean velocity there (all teachers, 1:1:1)
+  --loss sft        the paper's SFT: each task's teacher samples images (ODE, its own CFG) for the
+                    task's prompts; the student is fine-tuned on them by flow matching
+  --loss offpolicy  the closed-form loss on the TEACHER's ODE states: on- against off-policy with
+                    the loss held fixed
+  --loss dance      DanceOPD: the student's ODE trajectory, one low-noise query state per sample
+                    (Beta(5, 2) over the states), velocity MSE to the task's teacher
   --loss flow       FlowOPD: the student's SDE rollout; the teacher's log-density of each step the
-                    student took is that step's reward; advantages per step over the batch; PPO
-  (--loss ppo, the PPO-style surrogate of the closed form, is opd.py's)
+                    student took is that step's reward; advantages per step; clipped PPO
+  (--loss closed and ppo are opd.py's: the closed form and its PPO-style surrogate)
   --stage compare   all of the above from the same teachers, with the same budget of sampled
                     trajectories as OPD (teachers + distillation), then one table (eval)
-  --stage noise     OPD with rollouts at a = 0, 0.3, 0.7 from the same teachers and seeds:
-                    held-out metrics every few rounds, rounds to 90% of the final gain, noise.png
+  --stage noise     OPD at a = 0, 0.3, 0.7 from the same teachers and seeds: held-out metrics
+                    every few rounds, rounds to 90% of the final gain, noise.png
 
-The public DanceOPD and FlowOPD runs are CFG-free; here every method uses the run's --guidance,
-so that the comparison differs in the method only.
+Every student is routed: each task's prompts are supervised by that task's teacher alone (the
+public FlowOPD code averages its teachers because its tasks share one prompt set). The public
+DanceOPD and FlowOPD runs are CFG-free; here every method uses the run's --guidance, so that the
+comparison differs in the method only.
 """
 import dataclasses
 import json
@@ -29,29 +39,87 @@ import os
 import torch
 
 import opd
+from machinery import main as cli, say, write_text
 from opd import gaussian_logp, opd_loss, rollout, transition
+from options import arg, one_of
+
+DISTILL_LOSSES = ("closed", "ppo", "sft", "offpolicy", "dance", "flow")
+ODE_LOSSES = ("sft", "offpolicy", "dance")  # they roll out (or sample) with the ODE
+
+
+@dataclasses.dataclass
+class Args(opd.Config):
+    stage: str = arg("compare", one_of("distill", "joint", "cascade", "compare", "noise"), "stage")
+    loss: str = arg("closed", one_of(*DISTILL_LOSSES), "distill: the student's method")
+
+    def relations(self, stage):
+        a = self.noise_level
+        return super().relations(stage) + [
+            (stage == "distill" and self.loss == "flow" and a == 0,
+             "--loss flow needs --noise_level > 0: the ODE step has no density"),
+            (stage == "distill" and self.loss in ODE_LOSSES and a > 0,
+             f"--loss {self.loss} rolls out with the ODE: --noise_level must be 0, got {a}"),
+            (self.two_pass and self.loss not in ("closed", "ppo"),
+             f"--two_pass applies to --loss closed or ppo, not {self.loss}"),
+        ]
 
 
 # ------------------------------------------------------------------------------ multi-task RL
+RL_STEPS = {("tiny", "joint"): 100, ("tiny", "cascade"): 300, ("real", "joint"): 2000,
+            ("real", "cascade"): 6000}
+
+
+def rl_config(cfg, stage):
+    """The teachers' RL settings, with the stage's steps; on the tiny model one adapter holds
+    every task, so it gets the student's targets (AdaLN and text projections too)."""
+    kind = opd.model_kind(cfg.model)
+    return opd.resolve(cfg, "teacher", steps=RL_STEPS[kind, stage],
+                       lora_targets=opd.TINY_MULTI if kind == "tiny" else opd.ATTN)
+
+
 def joint(cfg, m, tasks, rank, world):
-    c = opd.resolve(cfg, "joint")
+    c = rl_config(cfg, "joint")
     return opd.train_rl(c, m, tasks, f"joint-{c.algo}", rank, world)
 
 
 def cascade(cfg, m, tasks, rank, world):
-    """--steps in all, an equal share per task in --tasks order, one LoRA (and optimizer) throughout."""
-    c = opd.resolve(cfg, "cascade")
+    """--steps in all, an equal share per task in --tasks order, one LoRA (and optimizer)."""
+    c = rl_config(cfg, "cascade")
     per = max(1, c.steps // len(tasks))
     return opd.train_rl(c, m, tasks, f"cascade-{c.algo}", rank, world,
                         schedule=lambda step: [tasks[min(step // per, len(tasks) - 1)]])
 
 
 # ------------------------------------------------------------------------------ distillation
-def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward, two_pass=False,
-                   generator=None):
-    """Off-policy SFT: the TEACHER rolls out with the ODE; on each of its states x_j the
+# Each has distill_trajectory's signature: (student, teacher, x, sigmas, noise_level,
+# train_steps, loss, backward, two_pass, generator) -> (x_N, logged loss); student and teacher
+# are velocity closures v(x, t) with their CFG, one backward(loss) per trained forward.
+def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
+                   two_pass=False, generator=None):
+    """The paper's SFT: the teacher samples x0 (ODE, its own CFG) from the noise x; the student
+    is trained by flow matching on it: t ~ U(0, 1), x_t = (1 - t) x0 + t eps, loss
+    mean (v_S(x_t) - (eps - x0))^2, as many times (each with fresh t and eps) as OPD trains steps,
+    so both make the same number of trained forwards. The velocity trained is the student's
+    guided one, the velocity it samples with (as every student here)."""
+    x0 = rollout(teacher, x, sigmas, 0.0)["states"][:, -1]  # (B, C, h, w) the teacher's samples
+    logged = 0.0
+    for _ in train_steps:
+        t = torch.rand(len(x0), generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        tt = t.view(-1, *[1] * (x0.dim() - 1))
+        x_t = (1 - tt) * x0 + tt * eps
+        # flow matching: v(x_t) -> eps - x0
+        l = (student(x_t, t).float() - (eps - x0)).pow(2).flatten(1).mean(1).mean() / len(train_steps)
+        logged += float(l.detach())
+        backward(l)
+    return x0, logged
+
+
+def offpolicy_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
+                         two_pass=False, generator=None):
+    """Off-policy OPD: the TEACHER rolls out with the ODE; on each of its states x_j the
     student's mean is pulled to the teacher's, 1/2 ||mu_S(x_j) - mu_T(x_j)||^2: the closed-form
-    loss, on states the student would not visit itself. Returns (x_N, loss)."""
+    loss on states the student would not visit itself."""
     traj = rollout(teacher, x, sigmas, 0.0)  # states (B, N+1, ...), the teacher's means (B, N, ...)
     logged = 0.0
     for j in train_steps:
@@ -63,33 +131,37 @@ def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, 
     return traj["states"][:, -1], logged
 
 
-def query_step(sigmas, t_query=0.28):
-    """The sampler step whose time is closest to t_query (DanceOPD's low-noise query state)."""
-    return min(range(len(sigmas) - 1), key=lambda j: abs(float(sigmas[j]) - t_query))
+def dance_query(n_states, batch, generator):
+    """DanceOPD's query state of each sample: index int(u n_states), u ~ Beta(5, 2) (its
+    'low_t' bias: mean 5/7, toward the low-noise end of the states x_0 (t = 1) .. x_{n-1}),
+    clamped to n_states - 1. Beta(5, 2) is the 5th smallest of 6 uniforms. (batch,) indices."""
+    u = torch.rand(batch, 6, generator=generator).sort(1).values[:, 4]
+    return (u * n_states).long().clamp(max=n_states - 1)
 
 
-def dance_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward, two_pass=False,
-                     generator=None):
-    """DanceOPD: the student's deterministic (ODE) trajectory down to the query state x_q at
-    t_q ~ 0.28, then L = mean (v_S(x_q) - v_T(x_q))^2, teacher = the mean of all teachers'
-    velocities (distill_round passes it). One trained forward per sample. Returns (x_q, loss)."""
-    q = query_step(sigmas)
+def dance_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
+                     two_pass=False, generator=None):
+    """DanceOPD: the student's deterministic (ODE) trajectory; per sample one query state x_q
+    (dance_query over the sampler's N states with a velocity); L = mean (v_S(x_q) - v_T(x_q))^2
+    against the task's teacher. One trained forward per sample."""
+    traj = rollout(student, x, sigmas, 0.0)
+    q = dance_query(len(sigmas) - 1, len(x), generator).to(x.device)
+    x_q = traj["states"][torch.arange(len(x)), q]  # (B, C, h, w)
+    t_q = sigmas.to(x.device)[q]                    # (B,)
     with torch.no_grad():
-        for j in range(q):
-            x, _, _ = opd.sde_step(x, student(x, sigmas[j]), sigmas[j], sigmas[j + 1], 0.0)
-        v_t = teacher(x, sigmas[q])
-    l = (student(x, sigmas[q]).float() - v_t.float()).pow(2).flatten(1).mean(1).mean()
+        v_t = teacher(x_q, t_q)
+    l = (student(x_q, t_q).float() - v_t.float()).pow(2).flatten(1).mean(1).mean()
     backward(l)
-    return x, float(l.detach())
+    return traj["states"][:, -1], float(l.detach())
 
 
-def flow_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward, two_pass=False,
-                    generator=None, clip=0.2):
+def flow_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
+                    two_pass=False, generator=None, clip=0.2):
     """FlowOPD: the student's SDE rollout (a > 0, log-density of every step); the reward of step
     j is the teacher's log-density of the step the student took, r_j = log p_T(x_{j+1} | x_j);
-    advantages normalised per step over the batch, A = (r - mean) / (std + 1e-4); clipped PPO
-    (clip 0.2) on every trained transition. An unbiased, noisy estimator of the per-step KL's
-    gradient (paper section 3.3). Returns (x_N, loss)."""
+    advantages normalised per step over the micro-batch, A = (r - mean) / (std + 1e-4) (the
+    public code normalises over the whole batch of all ranks); clipped PPO (clip 0.2) on every
+    trained transition. An unbiased, noisy estimator of the per-step KL's gradient."""
     traj = rollout(student, x, sigmas, noise_level, generator)
     logged = 0.0
     for j in train_steps:
@@ -100,17 +172,26 @@ def flow_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss,
             adv = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
         mu_s, _ = transition(xj, student(xj, sigmas[j]), sigmas[j], sigmas[j + 1], noise_level)
         ratio = torch.exp(gaussian_logp(xn, mu_s, std) - traj["logps"][:, j])
-        l = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean() / len(train_steps)
+        l = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+        l = l / len(train_steps)
         logged += float(l.detach())
         backward(l)
     return traj["states"][:, -1], logged
 
 
-TRAJECTORIES = {"sft": sft_trajectory, "dance": dance_trajectory, "flow": flow_trajectory}
+TRAJECTORIES = {"closed": None, "ppo": None, "sft": sft_trajectory,
+                "offpolicy": offpolicy_trajectory, "dance": dance_trajectory,
+                "flow": flow_trajectory}  # None: opd.distill_trajectory
+
+
+def student(cfg, m, tasks, dirs, rank, world, name=None):
+    c = opd.resolve(cfg, "distill")
+    return opd.distill(c, m, tasks, dirs, rank, world, name, TRAJECTORIES[c.loss])
 
 
 # ------------------------------------------------------------------------------ the comparison
-DISTILL_BASELINES = [("sft", 0.0), ("ppo", 0.7), ("dance", 0.0), ("flow", 0.7)]  # (--loss, rollout noise a)
+DISTILL_BASELINES = [("sft", 0.0), ("offpolicy", 0.0), ("ppo", 0.7), ("dance", 0.0),
+                     ("flow", 0.7)]  # (--loss, rollout noise a)
 
 
 def budget_steps(cfg):
@@ -123,29 +204,30 @@ def budget_steps(cfg):
 
 
 def compare(cfg, m, tasks, rank, world):
-    """Teachers, OPD (with held-out metrics every eval_every rounds), joint RL with both
-    algorithms, cascade NFT, the distillation baselines from the same teachers; then the table,
-    and the time OPD (teachers + distillation) took to reach each RL baseline's final average
-    (compare.json)."""
+    """Teachers, OPD (held-out metrics every eval_every rounds), joint RL with both algorithms,
+    cascade NFT, the distillation baselines from the same teachers; then the table, and the
+    time OPD (teachers + distillation) took to reach each RL baseline's average (compare.json)."""
     names = [t.name for t in tasks]
     for t in tasks:
         opd.train_rl(opd.resolve(cfg, "teacher"), m, [t], f"teacher-{t.name}", rank, world)
     dirs = opd.teacher_dirs(cfg, names)
     d = opd.resolve(cfg, "distill")
-    every = cfg.eval_every or max(1, d.steps // 6)
-    opd.distill(dataclasses.replace(d, eval_every=every), m, tasks, dirs, rank, world)
+    opd.distill(dataclasses.replace(d, eval_every=cfg.eval_every or max(1, d.steps // 6)), m,
+                tasks, dirs, rank, world)
     j_steps, c_steps = budget_steps(cfg)
-    for algo, stage, steps in [("grpo_guard", "joint", j_steps), ("nft", "joint", j_steps), ("nft", "cascade", c_steps)]:
+    for algo, stage, steps in [("grpo_guard", "joint", j_steps), ("nft", "joint", j_steps),
+                               ("nft", "cascade", c_steps)]:
         sub = dataclasses.replace(cfg, algo=algo, steps=steps)
         (joint if stage == "joint" else cascade)(sub, m, tasks, rank, world)
     for loss, a in DISTILL_BASELINES:
-        opd.distill(opd.resolve(dataclasses.replace(cfg, loss=loss, noise_level=a), "distill"), m, tasks, dirs, rank, world)
+        student(dataclasses.replace(cfg, loss=loss, noise_level=a), m, tasks, dirs, rank, world)
     table = opd.evaluate(opd.resolve(cfg, "eval"), m, tasks, rank, world)
     if rank == 0:  # the paper: OPD reached joint RL's level in ~97 of its ~130 GPU hours
-        reach = {t: time_to_reach(cfg.out, table, names, t) for t in ("joint-grpo_guard", "joint-nft", "cascade-nft")}
-        opd.write_text(os.path.join(cfg.out, "compare.json"), json.dumps(reach, indent=1))
+        reach = {t: time_to_reach(cfg.out, table, names, t)
+                 for t in ("joint-grpo_guard", "joint-nft", "cascade-nft")}
+        write_text(os.path.join(cfg.out, "compare.json"), json.dumps(reach, indent=1))
         for r in reach.values():
-            opd.say(0, r["says"])
+            say(0, r["says"])
     return table
 
 
@@ -161,12 +243,16 @@ def time_to_reach(out, table, tasks, target):
     avg = lambda r: opd.normalised_mean({"x": r}, tasks, ref=table)["x"]
     goal, secs = avg(table[target]), opd.method_seconds(table)
     teachers = secs["student"] - table["student"]["seconds"]
-    hit = next(((s, e) for s, e, r in held_out_curve(os.path.join(out, "student")) if avg(r) >= goal), None)
-    res = {"target": target, "target_avg": goal, "target_seconds": secs[target], "opd_teachers_seconds": teachers,
-           "opd_round": hit and hit[0], "opd_seconds": hit and teachers + hit[1]}
-    res["says"] = (f"OPD (teachers {teachers:.0f} s + distillation) reached {target}'s average {goal:.3f} after "
-                   f"{res['opd_seconds']:.0f} s (round {hit[0]}); {target} trained {secs[target]:.0f} s" if hit else
-                   f"OPD's held-out curve never reached {target}'s average {goal:.3f} ({target}: {secs[target]:.0f} s)")
+    curve = held_out_curve(os.path.join(out, "student"))
+    hit = next(((s, e) for s, e, r in curve if avg(r) >= goal), None)
+    res = {"target": target, "target_avg": goal, "target_seconds": secs[target],
+           "opd_teachers_seconds": teachers, "opd_round": hit and hit[0],
+           "opd_seconds": hit and teachers + hit[1]}
+    res["says"] = (f"OPD (teachers {teachers:.0f} s + distillation) reached {target}'s average "
+                   f"{goal:.3f} after {res['opd_seconds']:.0f} s (round {hit[0]}); {target} "
+                   f"trained {secs[target]:.0f} s" if hit else
+                   f"OPD's held-out curve never reached {target}'s average {goal:.3f} "
+                   f"({target}: {secs[target]:.0f} s)")
     return res
 
 
@@ -185,28 +271,28 @@ def noise(cfg, m, tasks, rank, world):
     for a in NOISE_LEVELS:
         c = dataclasses.replace(d, noise_level=a, eval_every=every)
         opd.distill(c, m, tasks, dirs, rank, world, name=f"noise/student-a{a}")
-    if rank == 0:  # rank 0 wrote the curves
-        res = {"eval_every": every, "levels": {}}
-        for a in NOISE_LEVELS:
-            curve = held_out_curve(os.path.join(cfg.out, f"noise/student-a{a}"))
-            gain = [sum(r[k] - curve[0][2][k] for k in names) / len(names) for _, _, r in curve]  # mean gain over tasks
-            hit = next(s for (s, _, _), g in zip(curve, gain) if g >= 0.9 * gain[-1]) if gain[-1] > 0 else None
-            res["levels"][str(a)] = {"rounds": [s for s, _, _ in curve], "held_out": [r for _, _, r in curve],
-                                     "mean_gain": gain, "rounds_to_90pct": hit}
-        opd.write_text(os.path.join(cfg.out, "noise.json"), json.dumps(res, indent=1))
-        for a, r in res["levels"].items():
-            opd.say(0, f"a = {a}: rounds to 90% of the final gain {r['rounds_to_90pct']} "
-                       f"(final mean gain {r['mean_gain'][-1]:+.3f})")
-        noise_figure(os.path.join(cfg.out, "noise.png"), res, names)
+    if rank != 0:  # rank 0 wrote the curves
+        return
+    res = {"eval_every": every, "levels": {}}
+    for a in NOISE_LEVELS:
+        curve = held_out_curve(os.path.join(cfg.out, f"noise/student-a{a}"))
+        gain = [sum(r[k] - curve[0][2][k] for k in names) / len(names) for _, _, r in curve]
+        hit = next((s for (s, _, _), g in zip(curve, gain) if g >= 0.9 * gain[-1]), None) \
+            if gain[-1] > 0 else None
+        res["levels"][str(a)] = {"rounds": [s for s, _, _ in curve],
+                                 "held_out": [r for _, _, r in curve], "mean_gain": gain,
+                                 "rounds_to_90pct": hit}
+    write_text(os.path.join(cfg.out, "noise.json"), json.dumps(res, indent=1))
+    for a, r in res["levels"].items():
+        say(0, f"a = {a}: rounds to 90% of the final gain {r['rounds_to_90pct']} "
+               f"(final mean gain {r['mean_gain'][-1]:+.3f})")
+    noise_figure(os.path.join(cfg.out, "noise.png"), res, names)
 
 
 def noise_figure(path, res, names):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.2))
     for a, r in res["levels"].items():
         axes[0].plot(r["rounds"], r["mean_gain"], marker="o", label=f"a = {a}")
@@ -220,3 +306,25 @@ def noise_figure(path, res, names):
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------ main
+def run(cfg):
+    stages = {"compare": ["teacher", "distill", "eval"], "noise": ["distill", "eval"],
+              "distill": ["distill"]}.get(cfg.stage, ["teacher"])
+    opd.preflight(cfg, stages)
+    if cfg.stage in ("joint", "cascade"):
+        rl_config(cfg, cfg.stage)
+    m, tasks, rank, world = opd.setup(cfg, stages[0])
+    if cfg.stage == "distill":
+        return student(cfg, m, tasks, opd.teacher_dirs(cfg, [t.name for t in tasks]), rank, world)
+    stage = {"joint": joint, "cascade": cascade, "compare": compare, "noise": noise}[cfg.stage]
+    return stage(cfg, m, tasks, rank, world)
+
+
+def main(argv=None):
+    cli(lambda a: run(opd.parse_config(a, Args, "the paper's baselines: see baselines.py")), argv)
+
+
+if __name__ == "__main__":
+    main()

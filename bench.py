@@ -1,5 +1,9 @@
 """
-`python opd.py --stage bench`: what a distillation round costs, measured in one process.
+What a distillation round and the teachers' RL cost, measured in one process:
+
+    python bench.py                      # tiny: rounds, FLOPs, saved bytes, memory
+    python bench.py --device meta --model sd35m-random   # SD3.5-M's counts without a GPU
+    python bench.py --gpu_check          # one GPU: every stage at the paper's per-GPU batch
 
   memory     peak of one round with one adapter trained alone (its teacher the base), then with
              M teacher adapters (GPU: the CUDA allocator's peak; CPU: sampled resident memory)
@@ -11,8 +15,8 @@
   compile    with --compile: the same rounds through torch.compile, and the largest difference
              of the velocities
 
-`--stage bench --device meta` counts FLOPs and saved bytes on PyTorch's meta device (shapes, no
-data): SD3.5-Medium's transformer at 512 px on a machine without a GPU.
+--device meta counts FLOPs and saved bytes on PyTorch's meta device (shapes, no data):
+SD3.5-Medium's transformer at 512 px on a machine without a GPU. --gpu_check: see gpu_check.
 """
 import contextlib
 import dataclasses
@@ -23,6 +27,19 @@ import time
 import torch
 
 import opd
+import prompts
+import sd3
+from machinery import Timer, compile_model, dist_setup, main as cli, quiet_hf, rng, say, write_text
+from options import FLAG, arg, num, one_of
+
+
+@dataclasses.dataclass
+class Args(opd.Config):
+    stage: str = arg("bench", one_of("bench"), "bench")
+    steps: int = arg(3, num(int, 1), "timed rounds of each kind")
+    device: str = arg("auto", one_of("auto", "cpu", "cuda", "meta"), "meta: count shapes only")
+    peak_tflops: float = arg(0, num(float, 0), "the device's peak bf16 TFLOP/s (0: a known GPU's)")
+    gpu_check: bool = arg(False, FLAG, "every stage at the paper's per-GPU batch (gpu_check)")
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of GPUs by name; --peak_tflops for others
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H20", 148), ("GH200", 989), ("B200", 2250),
@@ -171,10 +188,9 @@ def bench(cfg, m, tasks, rank, world):
     teacher adapters; seconds per round, fused against --two_pass, alternating after a warm-up
     each; model FLOPs and TFLOP/s (MFU on a GPU); bytes saved for backward by one trained step,
     with and without gradient checkpointing. Prints a table and writes <out>/bench.json."""
-    cfg = opd.resolve(cfg, "bench")
     mb = lambda b: b / 2**20
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
-    params = m.trainable = opd.add_lora(m.tr, "student", cfg)
+    params = m.trainable = sd3.add_lora(m.tr, "student", cfg)
     b = cfg.batch_size // world
     mb_prompts = [tasks[0].train[0]] * (cfg.micro_batch or b)
     saved = {ck: trained_step_bytes(m, cfg, mb_prompts, ck) for ck in (False, True)}
@@ -182,16 +198,16 @@ def bench(cfg, m, tasks, rank, world):
     def round_s(teacher_of, two_pass=False, step=0):  # one round, gradients dropped; seconds
         for p in params:
             p.grad = None
-        m.active, tm = "?", opd.Timer(m.device)
+        m.active, tm = "?", Timer(m.device)
         with tm("round"):
-            opd.distill_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world, m.tr, tm,
+            opd.distill_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world,
                               teacher_of, {t.name: cfg.guidance for t in tasks})
         return tm.t["round"]
     with peak_memory(m.device) as alone:
         round_s(lambda t: None)
     teachers = []
     for t in tasks:  # M teachers: adapters on the same transformer, B randomised
-        opd.add_lora(m.tr, f"teacher-{t.name}", cfg)
+        sd3.add_lora(m.tr, f"teacher-{t.name}", cfg)
         teachers += [p for n, p in m.tr.named_parameters() if f"teacher-{t.name}" in n]
     for n, p in m.tr.named_parameters():
         if "lora_B.teacher-" in n:
@@ -221,9 +237,9 @@ def bench(cfg, m, tasks, rank, world):
            "transformer_mb": round(mb(nbytes(p for n, p in m.tr.named_parameters() if "lora_" not in n)), 3)}
     if cfg.compile:
         res.update(compiled(cfg, m, tasks, round_s))
-    opd._drop_adapters(m)
+    sd3.drop_adapters(m)
     if rank == 0:
-        opd.say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.num_steps} steps "
+        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.num_steps} steps "
                    f"({res['device']}): round fused {fused:.3f}s, two-pass {two:.3f}s (x{two / fused:.2f}); "
                    f"{flops[False] / 1e12:.3g} TFLOP a fused round = {res['tflops_fused']:.3g} TFLOP/s" +
                 (f" = {100 * res['mfu_fused']:.1f}% of {peak} (MFU)" if peak else "") +
@@ -237,7 +253,7 @@ def bench(cfg, m, tasks, rank, world):
 
 def write_json(out, name, res):
     os.makedirs(out, exist_ok=True)
-    opd.write_text(os.path.join(out, name), json.dumps(res, indent=1))
+    write_text(os.path.join(out, name), json.dumps(res, indent=1))
 
 
 def compiled(cfg, m, tasks, round_s):
@@ -248,7 +264,7 @@ def compiled(cfg, m, tasks, round_s):
     with torch.no_grad():
         eager = m.velocity("student", prompts, cfg.guidance)(x, 0.5)
     t0 = time.perf_counter()
-    opd.compile_transformer(m.tr)
+    compile_model(m.tr)
     round_s(lambda t: f"teacher-{t.name}")  # compiles
     round_s(lambda t: f"teacher-{t.name}", True)
     warm = time.perf_counter() - t0
@@ -307,7 +323,7 @@ def count(cfg, rank=0):
     import tiny
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from peft import LoraConfig
-    opd.quiet_hf()
+    quiet_hf()
     if cfg.model == "sd35m-random":
         tcfg, vae_cfg = tiny.SD35M_TRANSFORMER, SD3_VAE
     elif cfg.model == "tiny":
@@ -323,7 +339,7 @@ def count(cfg, rank=0):
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     rows, M = {}, len(cfg.tasks.split(","))
     for stage in ("distill", "teacher"):
-        c = opd.resolve(dataclasses.replace(cfg, device="cpu", stage=stage), stage)
+        c = opd.resolve(dataclasses.replace(cfg, device="cpu", steps=None), stage)
         with torch.device("meta"):
             tr.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=c.lora_targets.split(",")),
                            adapter_name=stage)
@@ -351,10 +367,172 @@ def count(cfg, rank=0):
     rows["text_encoders_gb"] = {"t5_xxl": T5_XXL_PARAMS * 2 / 1e9, "clip_l_g": CLIP_PARAMS * 2 / 1e9}
     for stage in ("distill", "teacher"):
         r = rows[stage]
-        opd.say(rank, f"{cfg.model} {r['resolution']}px {stage} (micro-batch {r['micro_batch']}, forward batch "
+        say(rank, f"{cfg.model} {r['resolution']}px {stage} (micro-batch {r['micro_batch']}, forward batch "
                       f"{r['forward_batch']}): saved for backward {r['saved_gb']:.2f} GB, {r['saved_gb_checkpointing']:.2f} "
                       f"GB with checkpointing; estimated peak {r['peak_gb_estimate']:.1f} GB, "
                       f"{r['peak_gb_estimate_checkpointing']:.1f} GB with checkpointing (weights {r['weights_gb']:.2f} GB)")
     if rank == 0:
         write_json(cfg.out, "count.json", rows)
     return rows
+
+
+# ------------------------------------------------------------------------------ the GPU check
+@contextlib.contextmanager
+def counted_flops(tr):
+    """out['tflop']: the model FLOPs of every transformer forward inside the block, from its
+    input shapes (transformer_flops), plus its backward when grad is enabled (a backward through
+    frozen weights: the forward's linear FLOPs, twice its attention's). Recomputation under
+    gradient checkpointing is not model work and is not counted."""
+    c, out = dict(tr.config), {"tflop": 0.0}
+
+    def hook(module, args, kwargs, output):
+        x, e = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        n_img = (x.shape[-2] // c["patch_size"]) * (x.shape[-1] // c["patch_size"])
+        lin, att = transformer_flops(c, x.shape[0], n_img, e.shape[1])
+        out["tflop"] += (lin + att + (lin + 2 * att if torch.is_grad_enabled() else 0)) / 1e12
+    handle = tr.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield out
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def measured(m, peak):
+    """out: seconds, peak allocated / reserved GB (CPU: peak resident set), TFLOP, TFLOP/s, MFU."""
+    out = {}
+    if m.device.type == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(m.device)
+    t0 = time.perf_counter()
+    with counted_flops(m.tr) as f, peak_memory(m.device) as mem:
+        yield out
+    out["seconds"] = time.perf_counter() - t0
+    cuda = m.device.type == "cuda"
+    out["peak_allocated_gb"] = (torch.cuda.max_memory_allocated(m.device) if cuda else mem["peak"]) / 1e9
+    out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(m.device) / 1e9 if cuda else None
+    out["tflop"] = f["tflop"]
+    out["tflops"] = f["tflop"] / out["seconds"]
+    out["mfu"] = out["tflops"] / peak if peak else None
+
+
+def profile_round(m, cfg, tasks, teacher_of):
+    """One fused round under torch.profiler: how many operators it launches, how many are dtype
+    casts and how many matrix products, and the operators that take the most time (GPU time on
+    a GPU, CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = m.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        opd.distill_round(cfg, m, tasks, 0, 0, 1, teacher_of, {t.name: cfg.guidance for t in tasks})
+    rows = prof.key_averages()
+    key = (lambda r: r.self_device_time_total) if cuda else (lambda r: r.self_cpu_time_total)
+    count = lambda names: sum(r.count for r in rows if r.key in names)
+    return {"operators": sum(r.count for r in rows if r.key.startswith("aten::")),
+            "casts": count({"aten::_to_copy"}),
+            "matmuls": count({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}),
+            "attention": sum(r.count for r in rows if "scaled_dot_product" in r.key
+                             and r.key.startswith("aten::_")),
+            "top": [(r.key, r.count, round(key(r) / 1e3, 2)) for r in
+                    sorted(rows, key=key, reverse=True)[:12]]}
+
+
+def gpu_check(cfg):
+    """The GPU check, one command: `python bench.py --gpu_check --model sd35m-random` (bf16 on
+    a GPU; it runs on the CPU with --model tiny through the same code). Each stage at the
+    paper's per-GPU batch, after one warm-up:
+      distill    3 trajectories per task, 3 tasks (3 teacher adapters), student CFG 4.5, 10 steps:
+                 a fused and a two-pass round, each with and without gradient checkpointing
+      grpo_guard one teacher update: 9 SDE rollouts with CFG (a = 0.7), 9 steps trained,
+                 checkpointing
+      nft        one NFT update: 9 CFG-free ODE samples of the old adapter, 9 times trained,
+                 checkpointing
+    Per stage: seconds, samples/s, peak allocated and reserved memory, model TFLOP (counted_flops),
+    TFLOP/s and MFU; then a profile of one fused round. Writes <out>/gpu_check.json and .md."""
+    import platform
+    rank, world, device = dist_setup(cfg.device)
+    base = dataclasses.replace(cfg, tasks="color,position,jpeg", compile=False, steps=None)
+    c = opd.resolve(dataclasses.replace(base, batch_size=3, micro_batch=3), "distill")
+    tasks = [prompts.make_task(n, c, device) for n in c.tasks.split(",")]
+    m = sd3.SD3(sd3.load_pipeline(c, device), c, device)
+    peak, rows = peak_tflops(cfg, device), []
+    teacher_of = lambda t: f"teacher-{t.name}"
+    for t in tasks:  # three teacher adapters with B randomised, then the student
+        sd3.add_lora(m.tr, teacher_of(t), c)
+    for n, p in m.tr.named_parameters():
+        if "lora_B.teacher-" in n:
+            torch.nn.init.normal_(p.data, std=0.01)
+    params = m.trainable = sd3.add_lora(m.tr, "student", c)
+    for ckpt in (False, True):
+        (m.tr.enable_gradient_checkpointing if ckpt else m.tr.disable_gradient_checkpointing)()
+        for two_pass in (False, True):
+            rc = dataclasses.replace(c, two_pass=two_pass)
+            for warm in (True, False):
+                for p in params:
+                    p.grad = None
+                m.active = "?"
+                with measured(m, peak) as r:
+                    opd.distill_round(rc, m, tasks, 0, 0, 1, teacher_of, {t.name: c.guidance for t in tasks})
+            rows.append({"stage": "distill " + ("two-pass" if two_pass else "fused"),
+                         "checkpointing": ckpt, "batch": f"3 x {len(tasks)} tasks, CFG",
+                         "samples": 3 * len(tasks), **r})
+    profile = profile_round(m, dataclasses.replace(c, two_pass=False), tasks, teacher_of)
+    sd3.drop_adapters(m)
+    m.tr.enable_gradient_checkpointing()
+    for algo in ("grpo_guard", "nft"):
+        rc = opd.resolve(dataclasses.replace(base, algo=algo, batch_size=9, micro_batch=9,
+                                             group_size=9, grad_checkpointing=True), "teacher")
+        if algo == "nft":
+            sd3.add_lora(m.tr, "old", rc)
+        params = m.trainable = sd3.add_lora(m.tr, "policy", rc)
+        opt = torch.optim.AdamW(params, lr=rc.lr)
+        for warm in (True, False):
+            m.active = "?"
+            with measured(m, peak) as r:
+                batches, _ = opd.rl_sample(rc, m, tasks[:1], 0, 0, 1)
+                opd.rl_backward(rc, m, batches, 0, 0, 0, 1)
+                opt.step(); opt.zero_grad(set_to_none=True)
+        rows.append({"stage": f"{algo} update", "checkpointing": True,
+                     "batch": "9" + (", CFG" if rc.guidance != 1 else ", CFG-free"), "samples": 9, **r})
+        sd3.drop_adapters(m)
+    for r in rows:
+        r["samples_per_s"] = r["samples"] / r["seconds"]
+    res = {"model": c.model, "resolution": c.resolution, "device": str(device) if device.type == "cpu"
+           else torch.cuda.get_device_name(device), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+           "dtype": str(m.dtype), "peak_tflops": peak, "stages": rows, "profile_fused_round": profile}
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    md = [f"GPU check: {res['model']} {res['resolution']} px, {res['dtype']}, {res['device']}, torch "
+          f"{res['torch']}, CUDA {res['cuda']}, {res['date']}", "",
+          "| stage | batch | checkpointing | seconds | samples/s | model TFLOP | TFLOP/s | MFU | "
+          "peak allocated GB | peak reserved GB |", "|---" * 10 + "|"]
+    for r in rows:
+        md.append(f"| {r['stage']} | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
+                  f"{r['seconds']:.3f} | {r['samples_per_s']:.3f} | {r['tflop']:.3g} | {r['tflops']:.3g} | "
+                  f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
+                  f"{r['peak_allocated_gb']:.2f} | {fmt(r['peak_reserved_gb'], '.2f')} |")
+    md += ["", f"One fused round launches {profile['operators']} operators: {profile['casts']} dtype "
+           f"casts, {profile['matmuls']} matrix products, {profile['attention']} attention calls. "
+           "Most time (ms):", ""] + [f"- {k}: {n} calls, {ms} ms" for k, n, ms in profile["top"]]
+    write_json(cfg.out, "gpu_check.json", res)
+    write_text(os.path.join(cfg.out, "gpu_check.md"), "\n".join(md) + "\n")
+    say(rank, "\n".join(md))
+    return res
+
+
+# ------------------------------------------------------------------------------ main
+def run(cfg):
+    if cfg.device == "meta":  # these resolve each stage's config themselves
+        return count(cfg)
+    if cfg.gpu_check:
+        return gpu_check(cfg)
+    c = opd.resolve(cfg, "distill")
+    m, tasks, rank, world = opd.setup(dataclasses.replace(c, compile=False), "distill")
+    return bench(c, m, tasks, rank, world)
+
+
+def main(argv=None):
+    cli(lambda a: run(opd.parse_config(a, Args, "the bench: see bench.py")), argv)
+
+
+if __name__ == "__main__":
+    main()

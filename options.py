@@ -1,27 +1,29 @@
 """
-What each option of opd.py accepts, as data: every Config field carries a Rule, from which the
-command line is parsed, the resolved config is checked (opd.check) and the tests generate
-out-of-domain values. A new field without a Rule does not construct.
+What each option accepts, as data. Every Config field is declared with arg(default, rule, help);
+its Rule is its domain (a kind and the kind's parameters), from which the command line is parsed
+and the resolved config is checked. A field without a Rule does not construct.
 """
+import argparse
 import dataclasses
 import math
 import os
 
 
 class UserError(Exception):
-    """Bad input: opd.main() prints the message as one line and exits with code 2."""
+    """Bad input: the entry points print the message as one line and exit with code 2."""
 
 
 @dataclasses.dataclass
 class Rule:
-    """says: the accepted values in words (for the error message); ok(value) -> bool; parse: the
-    command line's string -> value (ValueError when it cannot); bad: command-line values outside
-    the domain, which the tests walk for every field."""
+    """kind: num | choice | names | pairs | text | file | folder | flag; domain: the kind's
+    parameters; says: the accepted values in words; ok(value) -> bool; parse: the command line's
+    string -> value (ValueError when it cannot); why(value): the reason a value is malformed."""
+    kind: str
+    domain: dict
     says: str
     ok: object
-    bad: tuple
     parse: object = str
-    why: object = None  # why(value) -> the reason a value is malformed, when there is one to tell
+    why: object = None
 
 
 def num(typ, lo, hi=math.inf, lo_open=False, hi_open=False):
@@ -32,13 +34,11 @@ def num(typ, lo, hi=math.inf, lo_open=False, hi_open=False):
     isnum = (lambda v: type(v) is int) if typ is int else \
         (lambda v: type(v) in (int, float) and math.isfinite(v))
     ok = lambda v: isnum(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    bad = ["x", str(lo if lo_open else lo - 1)] + (["1.5"] if typ is int else ["nan", "inf"]) + \
-        ([str(hi if hi_open else hi + 1)] if hi < math.inf else [])
-    return Rule(words, ok, tuple(bad), typ)
+    return Rule("num", dict(typ=typ, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open), words, ok, typ)
 
 
 def one_of(*xs):
-    return Rule("one of " + ", ".join(xs), lambda v: v in xs, ("bogus", ""))
+    return Rule("choice", dict(choices=xs), "one of " + ", ".join(xs), lambda v: v in xs)
 
 
 def names(xs):
@@ -46,7 +46,7 @@ def names(xs):
     def ok(v):
         items = v.split(",")
         return bool(v) and all(i in xs for i in items) and len(set(items)) == len(items)
-    return Rule("distinct comma-separated names among " + ", ".join(xs), ok, ("", ",", "bogus", f"{xs[0]},{xs[0]}"))
+    return Rule("names", dict(choices=xs), "distinct comma-separated names among " + ", ".join(xs), ok)
 
 
 def pairs(keys, value):
@@ -55,16 +55,15 @@ def pairs(keys, value):
         items = [i.partition("=") for i in v.split(",") if i.strip()]
         try:
             return bool(items) == bool(v) and all(
-                sep and k.strip() and (keys is None or k.strip() in keys) and value.ok(value.parse(x.strip()))
-                for k, sep, x in items)
+                sep and k.strip() and (keys is None or k.strip() in keys)
+                and value.ok(value.parse(x.strip())) for k, sep, x in items)
         except ValueError:
             return False
-    key = (keys or ["a"])[0]
-    bad = ("x", "=1", f"{key}=") + (("bogus=1",) if keys else ()) + ((f"{key}=x",) if value.parse is not str else ())
-    return Rule(f"NAME=VALUE pairs, NAME {'among ' + ', '.join(keys) if keys else 'any'}, VALUE {value.says}", ok, bad)
+    says = f"NAME=VALUE pairs, NAME {'among ' + ', '.join(keys) if keys else 'any'}, VALUE {value.says}"
+    return Rule("pairs", dict(keys=keys, value=value), says, ok)
 
 
-def text(empty_ok=False, check=None, says="a non-empty text", bad=("",)):
+def text(empty_ok=False, check=None, says="a non-empty text"):
     """A string; check(v) returns False or raises ValueError when it is malformed."""
     def ok(v):
         if not v:
@@ -79,39 +78,44 @@ def text(empty_ok=False, check=None, says="a non-empty text", bad=("",)):
             check(v)
         except ValueError as e:
             return str(e)
-    return Rule(says, ok, bad, why=why if check else None)
+    return Rule("text", dict(empty_ok=empty_ok, check=check), says, ok, why=why if check else None)
 
 
-def path(kind):
-    """kind 'file': '' or an existing file; 'out': a folder (made when missing), not a file."""
-    if kind == "out":
-        return Rule("a folder (made when missing), not a file",
-                    lambda v: bool(v) and not (os.path.exists(v) and not os.path.isdir(v)), ("", os.path.abspath(__file__)))
-    return Rule("a readable file", lambda v: not v or os.path.isfile(v), ("/nonexistent", "/"))
+def file():
+    """'' or an existing file."""
+    return Rule("file", {}, "a readable file", lambda v: not v or os.path.isfile(v))
 
 
-FLAG = Rule("a flag", lambda v: type(v) is bool, ())
+def folder():
+    """A folder (made when missing), not a file."""
+    return Rule("folder", {}, "a folder (made when missing), not a file",
+                lambda v: bool(v) and not (os.path.exists(v) and not os.path.isdir(v)))
 
 
-def field(default, rule, help):
+FLAG = Rule("flag", {}, "a flag", lambda v: type(v) is bool)
+
+
+def arg(default, rule, help):
+    """A Config field: its default (None: the stage's, see the table), its Rule, a help line."""
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule})
 
 
-def parse(cls, argv=None, description=""):
-    """The command line -> cls (a dataclass of fields made by field()): every value is parsed by
-    its field's Rule, so a bad one is one UserError naming the option, the value and the domain."""
-    import argparse
-
+def parse(cls, argv=None, description="", default_of=None):
+    """The command line -> cls: every value is parsed by its field's Rule, so a bad one is one
+    UserError naming the option, the value and the domain. default_of(name) -> the words --help
+    shows for a field whose default is None (it depends on the stage)."""
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # argparse would print its usage and exit: one line instead
             raise UserError(message)
     ap = Parser(description=description)
     for f in dataclasses.fields(cls):
-        if f.metadata["rule"] is FLAG:
-            ap.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            ap.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']}; accepts {f.metadata['rule'].says}".replace("%", "%%"))
+        rule, helps = f.metadata["rule"], f.metadata["help"]
+        if rule is FLAG:
+            ap.add_argument(f"--{f.name}", action="store_true", help=helps)
+            continue
+        default = default_of(f.name) if f.default is None and default_of else repr(f.default)
+        ap.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(),
+                        help=f"{helps}; accepts {rule.says}; default {default}".replace("%", "%%"))
     args, values = vars(ap.parse_args(argv)), {}
     for f in dataclasses.fields(cls):
         v, rule = args[f.name], f.metadata["rule"]

@@ -1,6 +1,8 @@
 """
-Built-in prompt sets of the real tasks, so that `python opd.py --task geneval|ocr|aesthetic`
-runs without a prompt file; and the reading of prompt files (--prompts, --test_prompts).
+The tasks of opd.py: a name, train and test prompts (and GenEval metadata), the rewards
+(rewards.py). Built-in prompt sets of the real tasks, so that `python opd.py --task
+geneval|ocr|aesthetic` runs without a prompt file, and the reading of prompt files (--prompts,
+--test_prompts); the toy tasks' prompts are tiny.py's.
 
   geneval    GenEval-style prompts with their metadata, from GenEval's templates, its 80 COCO
              class names and 10 colours: single object, two objects, counting (2-4), colours,
@@ -13,12 +15,65 @@ hash of its text says so (about 1 in 10), so train and test never share a prompt
 official evaluation metadata stays an option: --test_prompts evaluation_metadata.jsonl (then
 any train prompt it contains is dropped from the train split).
 """
+import dataclasses
 import json
+import re
 import zlib
 
 import torch
 
 from options import UserError
+
+TOY_TASKS = ("color", "position", "jpeg")
+REAL_TASKS = {  # task -> (training reward, evaluation reward)
+    "geneval": ("geneval_partial", "geneval"), "ocr": ("ocr", "ocr"),
+    "aesthetic": ("pickscore:1,clipscore:1,hpsv2:1",) * 2}
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    train: list
+    test: list
+    reward: object  # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (B,): training reward
+    meta: dict = dataclasses.field(default_factory=dict)  # prompt -> GenEval metadata
+    eval_reward: object = None  # the reported metric, when it is not the training reward
+
+
+def make_task(name, cfg, device="cpu"):
+    """A task's prompts (toy: tiny.py; real: --prompts / --test_prompts or the built-in sets; a
+    train prompt that is also a test prompt is dropped) and rewards, loaded now, so that missing
+    weights stop a run before it trains."""
+    import rewards
+    import tiny
+    if name in TOY_TASKS:
+        (train, test), meta = tiny.toy_prompts(name), {}
+    elif cfg.prompts:
+        train, meta = read(cfg.prompts)
+        train, test = [p for i, p in enumerate(train) if i % 10], train[::10]
+    else:
+        train, test, meta = builtin(name)
+    if name not in TOY_TASKS and cfg.test_prompts:
+        test, more = read(cfg.test_prompts)
+        meta.update(more)
+        held = set(test)
+        train = [p for p in train if p not in held]
+        if not train:
+            raise UserError(f"every train prompt of {name} is among the test prompts of "
+                            f"{cfg.test_prompts}")
+    if name == "geneval" and not cfg.reward and any(p not in meta for p in train + test):
+        raise UserError("--task geneval needs GenEval metadata: --prompts a jsonl with one "
+                        '{"prompt": ..., "tag": ..., "include": [...]} a line')
+    specs = (cfg.reward,) * 2 if cfg.reward else (name,) * 2 if name in TOY_TASKS else REAL_TASKS[name]
+    try:
+        reward = rewards.load(specs[0], device, eager=True)
+        eval_reward = reward if specs[1] == specs[0] else rewards.load(specs[1], device, eager=True)
+        if "ocr" in re.split(r"[,:=]", specs[0]):
+            for p in train + test:
+                rewards.ocr_target(p)  # every OCR prompt quotes the text to render
+    except (ValueError, rewards.RewardError) as e:  # a bad spec, prompt or missing weights
+        raise UserError(str(e)) from None
+    return Task(name, train, test, reward, meta, eval_reward)
 
 
 def read(path):
@@ -170,6 +225,8 @@ def builtin(task):
 
 if __name__ == "__main__":
     import argparse
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python prompts.py ocr train | head` ends quietly
     ap = argparse.ArgumentParser(description="write a built-in prompt set (GenEval sets as metadata jsonl)")
     ap.add_argument("task", choices=["geneval", "ocr", "aesthetic"])
     ap.add_argument("split", choices=["train", "test"])
