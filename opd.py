@@ -49,12 +49,13 @@ import time
 import torch
 
 import prompts as P
-from machinery import (LORA_FILE, EMA, barrier, bar, check_in_sync, checkpoints, check_resume,
-                       compile_model, config_text, dist_setup, gather, guarded_step, load_checkpoint, load_lora,
-                       logger, prepare_run, quiet_hf, rng, run_info, save_checkpoint, save_lora,
-                       say, write_text, main as cli)
+from machinery import (LORA_FILE, EMA, bar, barrier, check_in_sync, check_resume, checkpoints,
+                       compile_model, config_text, dist_setup, gather, guarded_step,
+                       load_checkpoint, load_lora, logger, prepare_run, rng, run_info,
+                       save_checkpoint, save_lora, say, write_text, main as cli)
 from sd3 import SD3, add_lora, drop_adapters, load_pipeline
-from options import FLAG, UserError, arg, check_fields, file, folder, names, num, one_of, pairs, text
+from options import (FLAG, UserError, arg, check_fields, file, folder, names, num, one_of,
+                     pairs, text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,9 +439,10 @@ def distill_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, tra
 
 
 def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, trajectory=None):
-    """Stage 2 into <out>/<name> (student, or student-<loss>): the M teachers as adapters, the student a new one; rounds of
-    distill_round, each one optimizer step, EMA, log, checkpoint. With --eval_every the EMA
-    student's held-out metrics every so many rounds go to metrics.jsonl (not timed)."""
+    """Stage 2 into <out>/<name> (student, or student-<loss>): the M teachers as adapters, the
+    student a new one; rounds of distill_round, each one optimizer step, EMA, log, checkpoint.
+    With --eval_every the EMA student's held-out metrics every so many rounds go to
+    metrics.jsonl (not timed)."""
     name = name or ("student" if cfg.loss == "closed" else f"student-{cfg.loss}")
     run_dir = os.path.join(cfg.out, name)
     if (mode := prepare_run(run_dir, cfg, rank, name)) == "done":
@@ -453,8 +455,8 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, trajectory=None
                 for k, d in teacher_dirs.items()}
     params, opt, ema, start, elapsed = start_training(cfg, m, run_dir, "student", mode, rank)
     log, bad, b = logger(run_dir, rank), 0, cfg.batch_size // world
-    prompts_of = lambda s: [p for i, t in enumerate(tasks)
-                            for p in draw_prompts(cfg, t, s, i, cfg.batch_size)[rank * b:(rank + 1) * b]]
+    mine = lambda s, i, t: draw_prompts(cfg, t, s, i, cfg.batch_size)[rank * b:(rank + 1) * b]
+    prompts_of = lambda s: [p for i, t in enumerate(tasks) for p in mine(s, i, t)]
     held = lambda: held_out(cfg, m, tasks, "student", cfg.guidance, rank, world)
     for step in bar(range(start, cfg.steps), rank, name):
         if cfg.eval_every and step % cfg.eval_every == 0:
@@ -623,7 +625,8 @@ def finish_run(run_dir, cfg, m, name, ema, rank, world, elapsed, trajectories):
     check_in_sync(m.trainable, world, rank, os.path.basename(run_dir))
     ema.copy_to_params()
     if rank == 0:
-        write_text(os.path.join(run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_text(os.path.join(run_dir, "config.json"),
+                   json.dumps(dataclasses.asdict(cfg), indent=1))
         write_text(os.path.join(run_dir, "run.json"),
                    json.dumps({"seconds": round(elapsed, 2), "trajectories": trajectories}))
         save_lora(run_dir, m.tr, name)
@@ -715,8 +718,8 @@ ORDER = ["teacher-", "joint-grpo_guard", "joint-nft", "cascade-grpo_guard", "cas
 def discover(out, tasks, extra=None):
     """Every model of a run: the base, then each finished LoRA folder of <out> (teachers in
     --tasks order, then the others), then --lora extras. name -> folder (None: the base)."""
-    found = [d for d in sorted(os.listdir(out)) if os.path.isfile(os.path.join(out, d, LORA_FILE))] \
-        if os.path.isdir(out) else []
+    found = sorted(d for d in (os.listdir(out) if os.path.isdir(out) else [])
+                   if os.path.isfile(os.path.join(out, d, LORA_FILE)))
     teachers = [f"teacher-{t}" for t in tasks] + [d for d in found if d.startswith("teacher-")]
     rank_of = lambda d: (ORDER.index(d) if d in ORDER else len(ORDER), d)
     others = sorted((d for d in found if not d.startswith("teacher-")), key=rank_of)
@@ -808,7 +811,8 @@ def model_kind(model):
 
 def parse_pairs(s):
     """'a=1,b=2' -> {'a': '1', 'b': '2'} (its Rule checked the form)."""
-    return {k.strip(): v.strip() for k, _, v in (i.partition("=") for i in s.split(",") if i.strip())}
+    items = (i.partition("=") for i in s.split(",") if i.strip())
+    return {k.strip(): v.strip() for k, _, v in items}
 
 
 def parse_steps(s, n):
@@ -827,7 +831,8 @@ def resolve(cfg, stage, **defaults):
     the tables), checked: every field against its Rule, then cfg.relations(stage)."""
     kind = model_kind(cfg.model)
     key = (kind, "teacher", cfg.algo) if stage == "teacher" else (kind, "distill", None)
-    table = {**MODEL_DEFAULTS[kind], **dict(zip(COLUMNS, STAGE_DEFAULTS[key])), **defaults}
+    row = STAGE_DEFAULTS.get(key, STAGE_DEFAULTS[kind, "distill", None])  # a bad --algo: below
+    table = {**MODEL_DEFAULTS[kind], **dict(zip(COLUMNS, row)), **defaults}
     c = dataclasses.replace(cfg, **{k: v for k, v in table.items() if getattr(cfg, k) is None})
     check_fields(c)
     for broken, message in c.relations(stage):

@@ -1,0 +1,180 @@
+"""The paper's baselines (baselines.py): each loss against a hand computation, and every method
+run tiny from the command line, its LoRA loaded by diffusers."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import baselines
+import opd
+import prompts
+import sd3
+import tiny
+from conftest import HERE, lora, max_diff, ok, one_line_error, randomise, run, tiny_sd3, teacher_dir  # noqa: F401
+
+
+def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
+    """Joint RL's mixed batch: each image is scored by its own task's reward (the prompts each
+    reward sees are its task's), and advantages are computed within each prompt's group, so a
+    task whose reward is 1000 times larger leaves the other task's advantages unchanged."""
+    m, cfg = tiny_sd3
+    cfg = baselines.rl_config(opd.parse_config(["--stage", "joint", "--num_steps", "2", "--batch_size",
+                                                "4", "--group_size", "2"], baselines.Args), "joint")
+    seen = {}
+
+    def task(name, scale, train):
+        def reward(images, ps, meta):
+            seen.setdefault(name, []).extend(ps)
+            return scale * images.mean((1, 2, 3))
+        return prompts.Task(name, train, train[:1], reward)
+    a = task("a", 1.0, ["a red cat", "a blue dog", "a green car"])
+    b = task("b", 1000.0, ["a bright cat on the left", "a bright dog on the right"])
+    m.trainable = sd3.add_lora(m.tr, "policy", cfg)
+    try:
+        batches, rewards_ = opd.rl_sample(cfg, m, [a, b], 0, 0, 1)
+        seen_b = seen.pop("b")
+        alone, _ = opd.rl_sample(cfg, m, [a], 0, 0, 1)
+    finally:
+        sd3.drop_adapters(m)
+    assert set(seen["a"]) <= set(a.train) and set(seen_b) <= set(b.train) and len(seen_b) == 4
+    for _, _, adv in batches:  # zero mean within every prompt's group
+        assert torch.allclose(adv.view(-1, 2).sum(1), torch.zeros(2), atol=1e-4)
+    assert torch.equal(batches[0][2], alone[0][2])  # task b's scale does not reach task a
+    assert rewards_["b"] > 100 * rewards_["a"]
+
+
+def test_compare_runs_every_method_tiny(tmp_path):
+    """--stage compare at toy sizes: teachers, OPD with its held-out curve, joint RL with both
+    algorithms, cascade NFT, the SFT / PPO / DanceOPD / FlowOPD students; one table with every
+    model, its time and the avg; labelled samples.png; every LoRA loads with diffusers'
+    load_lora_weights and changes the model's output."""
+    out = str(tmp_path / "cmp")
+    small = ["--tasks", "color,jpeg", "--steps", "2", "--batch_size", "4", "--group_size", "2", "--num_steps", "3",
+             "--eval_steps", "3", "--eval_prompts", "2", "--eval_seeds", "2", "--out", out]
+    r = run("--stage", "compare", *small, script="baselines.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = json.load(open(os.path.join(out, "eval.json")))
+    rows = ["base", "teacher-color", "teacher-jpeg", "joint-grpo_guard", "joint-nft", "cascade-nft", "student",
+            "student-dance", "student-flow", "student-offpolicy", "student-ppo", "student-sft"]
+    assert list(table) == rows and all({"color", "jpeg", "seconds"} <= set(v) for v in table.values())
+    assert all(table[k]["seconds"] > 0 for k in rows[1:])
+    md = open(os.path.join(out, "eval.md")).read()
+    assert all(f"| {k} |" in md for k in rows) and "train time" in md
+    reach = json.load(open(os.path.join(out, "compare.json")))
+    assert set(reach) == {"joint-grpo_guard", "joint-nft", "cascade-nft"} and all("says" in r for r in reach.values())
+    curve = [json.loads(l) for l in open(os.path.join(out, "student", "metrics.jsonl")) if "held_out" in l]
+    assert [c["step"] for c in curve] == [0, 1, 2] and set(curve[-1]["held_out"]) == {"color", "jpeg"}
+    assert json.load(open(os.path.join(out, "student-ppo", "config.json")))["noise_level"] == 0.7
+    assert json.load(open(os.path.join(out, "joint-nft", "run.json")))["trajectories"] == 4 * 2 * 4  # budget: T + D B_D / B_T
+    from PIL import Image
+    im = Image.open(os.path.join(out, "samples.png"))
+    assert im.size[1] > 128 * len(rows) and im.size[0] > 128 * 4  # a label band above, a label column
+    pipe = tiny.tiny_pipeline()
+    x, t = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    e, _, p, _ = pipe.encode_prompt(["a red cat"], None, None, do_classifier_free_guidance=False, max_sequence_length=8)
+    base = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p)[0]
+    for name in rows[3:]:
+        pipe.load_lora_weights(os.path.join(out, name), adapter_name=name.replace("-", "_"))
+        pipe.set_adapters(name.replace("-", "_"))
+        v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p)[0]
+        assert not torch.allclose(v, base, atol=1e-6), name
+
+
+def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
+    out = str(tmp_path / "noise")
+    r = run("--stage", "noise", "--tasks", "color", "--teachers", f"color={teacher_dir}", "--steps", "2",
+            "--batch_size", "4", "--num_steps", "3", "--eval_every", "1", "--eval_steps", "3", "--eval_prompts", "1",
+            "--eval_seeds", "1", "--out", out, script="baselines.py")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(os.path.join(out, "noise.json")))
+    assert set(res["levels"]) == {"0.0", "0.3", "0.7"} and all(v["rounds"] == [0, 1, 2] for v in res["levels"].values())
+    assert os.path.isfile(os.path.join(out, "noise.png")) and "rounds to 90%" in r.stdout
+
+
+def _linear(w):
+    """A toy velocity v(x, t) = w x + t (t a float or (B,)), the same for every call."""
+    return lambda x, t: w * x + torch.as_tensor(t, dtype=torch.float32).reshape(-1, *[1] * (x.dim() - 1))
+
+
+def test_sft_is_flow_matching_on_the_teachers_samples():
+    """--loss sft: the teacher's ODE sample x0, then per trained step t ~ U(0, 1) and eps ~ N(0, I)
+    from the generator, loss mean (v_S(x_t) - (eps - x0))^2; its gradient reaches the student."""
+    sigmas, x = opd.sd3_sigmas(4), torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor(0.5, requires_grad=True)
+    teacher, student = _linear(torch.tensor(-0.8)), _linear(w)
+    losses = []
+    x0, logged = baselines.sft_trajectory(student, teacher, x, sigmas, 0.0, [0, 1], "sft",
+                                          losses.append, generator=torch.Generator().manual_seed(5))
+    ref = x.clone()  # the teacher's Euler ODE by hand
+    for j in range(4):
+        ref = ref + (-0.8 * ref + sigmas[j]) * (sigmas[j + 1] - sigmas[j])
+    assert torch.allclose(x0, ref, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    expect = []
+    for _ in range(2):
+        t, eps = torch.rand(3, generator=g), torch.randn(ref.shape, generator=g)
+        tt = t.view(-1, 1, 1, 1)
+        x_t = (1 - tt) * ref + tt * eps
+        expect.append(((0.5 * x_t + tt) - (eps - ref)).pow(2).mean() / 2)
+    assert torch.allclose(torch.stack(losses), torch.stack(expect).detach(), atol=1e-6)
+    assert logged == pytest.approx(float(sum(expect)), abs=1e-6)
+    sum(losses).backward()
+    assert w.grad is not None and w.grad.abs() > 0
+
+
+def test_offpolicy_is_the_closed_form_on_the_teachers_states():
+    sigmas, x = opd.sd3_sigmas(3), torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    teacher, student = _linear(torch.tensor(-0.8)), _linear(torch.tensor(0.3))
+    losses = []
+    baselines.offpolicy_trajectory(student, teacher, x, sigmas, 0.0, [0, 1], "offpolicy", losses.append)
+    traj = opd.rollout(teacher, x, sigmas, 0.0)
+    for j, l in enumerate(losses):
+        xj, dt = traj["states"][:, j], sigmas[j + 1] - sigmas[j]
+        mu_s, mu_t = xj + student(xj, sigmas[j]) * dt, xj + teacher(xj, sigmas[j]) * dt
+        assert torch.allclose(l, 0.5 * (mu_s - mu_t).pow(2).mean() / 2, atol=1e-7)
+
+
+def test_dance_query_is_beta_5_2_over_the_states():
+    """DanceOPD's query index int(u n), u ~ Beta(5, 2): the empirical distribution of 40,000
+    draws against Beta(5, 2)'s cdf F(x) = 6 x^5 - 5 x^6 at every state boundary, and against
+    40,000 indices from torch.distributions.Beta's own sampler (each within 0.01; the standard
+    error of a frequency is below 0.0025)."""
+    n = 10
+    q = baselines.dance_query(n, 40_000, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    ref = (torch.distributions.Beta(5.0, 2.0).sample((40_000,)) * n).long()
+    for k in range(1, n):
+        x = k / n
+        assert abs((q < k).float().mean() - (6 * x**5 - 5 * x**6)) < 0.01, k
+        assert abs((q < k).float().mean() - (ref < k).float().mean()) < 0.01, k
+    assert q.min() >= 0 and q.max() == n - 1
+
+
+def test_dance_loss_at_each_samples_query_state_against_the_routed_teacher():
+    sigmas, x = opd.sd3_sigmas(5), torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    teacher, student = _linear(torch.tensor(-0.8)), _linear(torch.tensor(0.3))
+    losses = []
+    baselines.dance_trajectory(student, teacher, x, sigmas, 0.0, [0], "dance", losses.append,
+                               generator=torch.Generator().manual_seed(3))
+    q = baselines.dance_query(5, 4, torch.Generator().manual_seed(3))
+    states = opd.rollout(student, x, sigmas, 0.0)["states"]
+    x_q, t_q = states[torch.arange(4), q], sigmas[q].view(-1, 1, 1, 1)
+    expect = ((0.3 * x_q + t_q) - (-0.8 * x_q + t_q)).pow(2).mean()
+    assert len(losses) == 1 and torch.allclose(losses[0], expect, atol=1e-6)
+
+
+def test_every_distillation_baseline_runs_and_its_lora_loads(tmp_path, teacher_dir):
+    """Each --loss from the command line, tiny; diffusers' load_lora_weights loads its LoRA."""
+    pipe = tiny.tiny_pipeline()
+    for loss, a in baselines.DISTILL_BASELINES:
+        out = str(tmp_path / loss)
+        ok(run("--stage", "distill", "--loss", loss, "--noise_level", str(a), "--tasks", "color",
+               "--teachers", f"color={teacher_dir}", "--steps", "2", "--batch_size", "4",
+               "--num_steps", "3", "--out", out, script="baselines.py"))
+        pipe.load_lora_weights(os.path.join(out, f"student-{loss}"), adapter_name=loss)
+    assert set(baselines.DISTILL_BASELINES) and len(pipe.get_list_adapters()["transformer"]) == 5
