@@ -106,10 +106,10 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
         "    try:\n"
         "        machinery.check_in_sync([w], world, rank, 'w')\n"
         "    except machinery.UserError as e:\n"
-        "        print('error:', e, flush=True)\n")
+        "        print('error:', e, flush=True) if rank == 0 else None\n")
     r = torchrun(script=str(script), env={"PYTHONPATH": HERE})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("w: 2 ranks in sync") == 1 and r.stdout.count("error: ranks diverged") == 2
+    assert r.stdout.count("w: 2 ranks in sync") == 1 and r.stdout.count("error: ranks diverged") == 1
 
 
 def test_resume_with_nothing_saved_says_so(tmp_path):
