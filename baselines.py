@@ -109,7 +109,8 @@ def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, 
         tt = t.view(-1, *[1] * (x0.dim() - 1))
         x_t = (1 - tt) * x0 + tt * eps
         # flow matching: v(x_t) -> eps - x0
-        l = (student(x_t, t).float() - (eps - x0)).pow(2).flatten(1).mean(1).mean() / len(train_steps)
+        l = (student(x_t, t).float() - (eps - x0)).pow(2).flatten(1).mean(1).mean()
+        l = l / len(train_steps)
         logged += float(l.detach())
         backward(l)
     return x0, logged
@@ -143,16 +144,16 @@ def dance_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss
                      two_pass=False, generator=None):
     """DanceOPD: the student's deterministic (ODE) trajectory; per sample one query state x_q
     (dance_query over the sampler's N states with a velocity); L = mean (v_S(x_q) - v_T(x_q))^2
-    against the task's teacher. One trained forward per sample."""
-    traj = rollout(student, x, sigmas, 0.0)
+    against the task's teacher. One trained forward per sample; returns (x_q, loss)."""
     q = dance_query(len(sigmas) - 1, len(x), generator).to(x.device)
-    x_q = traj["states"][torch.arange(len(x)), q]  # (B, C, h, w)
-    t_q = sigmas.to(x.device)[q]                    # (B,)
+    states = rollout(student, x, sigmas[: int(q.max()) + 1], 0.0)["states"]  # to the deepest x_q
+    x_q = states[torch.arange(len(x)), q]  # (B, C, h, w)
+    t_q = sigmas.to(x.device)[q]          # (B,)
     with torch.no_grad():
         v_t = teacher(x_q, t_q)
     l = (student(x_q, t_q).float() - v_t.float()).pow(2).flatten(1).mean(1).mean()
     backward(l)
-    return traj["states"][:, -1], float(l.detach())
+    return x_q, float(l.detach())
 
 
 def flow_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,

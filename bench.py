@@ -29,7 +29,7 @@ import torch
 import opd
 import prompts
 import sd3
-from machinery import Timer, compile_model, dist_setup, main as cli, quiet_hf, rng, say, write_text
+from machinery import Timer, compile_model, dist_setup, main as cli, quiet_hf, say, write_text
 from options import FLAG, arg, num, one_of
 
 
@@ -184,7 +184,7 @@ def peak_tflops(cfg, device):
 
 
 def bench(cfg, m, tasks, rank, world):
-    """--stage bench (one process): peak memory of a round with one adapter alone and with M
+    """`python bench.py` (one process): peak memory of a round with one adapter alone and with M
     teacher adapters; seconds per round, fused against --two_pass, alternating after a warm-up
     each; model FLOPs and TFLOP/s (MFU on a GPU); bytes saved for backward by one trained step,
     with and without gradient checkpointing. Prints a table and writes <out>/bench.json."""
@@ -315,7 +315,7 @@ def meta_step(tr, batch, n_img_side, n_txt, checkpointing):
 
 
 def count(cfg, rank=0):
-    """--stage bench --device meta: shapes only. For the distillation round and the RL step at
+    """`python bench.py --device meta`: shapes only. For the distillation round and the RL step at
     their micro-batches, the model FLOPs and the bytes one trained step saves for backward, with
     and without gradient checkpointing, and an estimate of the GPU's peak memory (bf16 weights,
     fp32 LoRA with its gradient, Adam moments and EMA; the recomputed block's activations under
@@ -400,15 +400,14 @@ def counted_flops(tr):
 @contextlib.contextmanager
 def measured(m, peak):
     """out: seconds, peak allocated / reserved GB (CPU: peak resident set), TFLOP, TFLOP/s, MFU."""
-    out = {}
-    if m.device.type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(m.device)
-    t0 = time.perf_counter()
+    out, cuda = {}, m.device.type == "cuda"
     with counted_flops(m.tr) as f, peak_memory(m.device) as mem:
+        t0 = time.perf_counter()
         yield out
-    out["seconds"] = time.perf_counter() - t0
-    cuda = m.device.type == "cuda"
-    out["peak_allocated_gb"] = (torch.cuda.max_memory_allocated(m.device) if cuda else mem["peak"]) / 1e9
+        if cuda:
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t0
+    out["peak_allocated_gb"] = mem["peak"] / 1e9
     out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(m.device) / 1e9 if cuda else None
     out["tflop"] = f["tflop"]
     out["tflops"] = f["tflop"] / out["seconds"]
@@ -466,7 +465,7 @@ def gpu_check(cfg):
         (m.tr.enable_gradient_checkpointing if ckpt else m.tr.disable_gradient_checkpointing)()
         for two_pass in (False, True):
             rc = dataclasses.replace(c, two_pass=two_pass)
-            for warm in (True, False):
+            for _ in range(2):  # a warm-up, then the measured round
                 for p in params:
                     p.grad = None
                 m.active = "?"
@@ -485,7 +484,7 @@ def gpu_check(cfg):
             sd3.add_lora(m.tr, "old", rc)
         params = m.trainable = sd3.add_lora(m.tr, "policy", rc)
         opt = torch.optim.AdamW(params, lr=rc.lr)
-        for warm in (True, False):
+        for _ in range(2):  # a warm-up, then the measured update
             m.active = "?"
             with measured(m, peak) as r:
                 batches, _ = opd.rl_sample(rc, m, tasks[:1], 0, 0, 1)

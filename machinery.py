@@ -1,6 +1,6 @@
 """
 The machinery under opd.py, baselines.py and bench.py, none of it the method: processes and
-DDP, random streams, logging, timers, the EMA of the weights, the guarded optimizer step,
+their collectives, random streams, logging, timers, the EMA of the weights, the guarded optimizer step,
 checkpoints and LoRA files, and the command-line wrapper that turns bad input into one line.
 
 Run folders: <out>/<stage>/ckpt-<step>/{adapter.safetensors, state.pt} are written to a
@@ -117,10 +117,10 @@ def quiet_hf():
     """diffusers and transformers: errors only, no progress bars."""
     import warnings
     from diffusers.utils import logging as dl
-    from transformers.utils import logging as tl
-    for lib in (dl, tl):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    from rewards import quiet
+    quiet()  # transformers
+    dl.set_verbosity_error()
+    dl.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")  # M adapters
 

@@ -82,7 +82,7 @@ def _decay_ok(s):
 @dataclasses.dataclass
 class Config:
     # what to run, on which model, where
-    stage: str = arg("all", one_of(*STAGES), "all (teacher, distill, eval) | teacher | ...")
+    stage: str = arg("all", one_of(*STAGES), "all = teacher, distill, eval; or one of them")
     task: str = arg("color", one_of(*TASKS), "the task of --stage teacher")
     tasks: str = arg("color,position,jpeg", names(TASKS), "the tasks of distill and eval")
     teachers: str = arg("", pairs(TASKS, text()), "distill: task=DIR,... (<out>/teacher-<task>)")
@@ -91,7 +91,8 @@ class Config:
     out: str = arg("runs/tiny", folder(), "output folder")
     prompts: str = arg("", file(), "real tasks: train prompts, txt or GenEval jsonl (built in)")
     test_prompts: str = arg("", file(), "real tasks: held-out prompts (built in)")
-    reward: str = arg("", text(True, _reward_ok, "a reward spec (rewards.py --list)"), "reward")
+    reward: str = arg("", text(True, _reward_ok, "a reward spec (rewards.py --list)"),
+                      "a reward spec in place of the task's")
     seed: int = arg(0, num(int, 0), "random seed (LoRA init, prompts, noise)")
     # sampling (Flow-GRPO's SDE; a = 0 is the ODE)
     steps: int = arg(None, num(int, 1), "optimizer steps of the stage")
@@ -468,9 +469,10 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, trajectory=None
                                guidance, trajectory)
         gnorm, bad = optimizer_step(cfg, opt, params, bad, rank, world)
         ema.step(step + 1)
-        elapsed += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
         log(step=step + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=gnorm,
-            elapsed=round(elapsed, 3), time_round=round(time.perf_counter() - t0, 4))
+            elapsed=round(elapsed, 3), time_round=round(seconds, 4))
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(run_dir, step + 1, m.tr, ["student"], [opt], [ema], cfg,
                             elapsed=elapsed)

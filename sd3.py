@@ -4,6 +4,7 @@ StableDiffusion3Pipeline.from_pretrained, or tiny.py's offline stand-ins), veloc
 v(x, t) with classifier-free guidance for any LoRA adapter, a bounded cache of prompt
 embeddings, latent noise and decoding; adding and dropping LoRA adapters (peft).
 """
+import collections
 import contextlib
 import warnings
 
@@ -20,7 +21,8 @@ def load_pipeline(cfg, device, rank=0, world=1):
     import tiny
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if cfg.model in ("tiny", "sd35m-random"):
-        pipe = tiny.tiny_pipeline(rank, world) if cfg.model == "tiny" else tiny.build_offline(cfg.model)
+        pipe = tiny.tiny_pipeline(rank, world) if cfg.model == "tiny" else \
+            tiny.build_offline(cfg.model)
     else:
         quiet_hf()
         from diffusers import StableDiffusion3Pipeline
@@ -52,7 +54,7 @@ class SD3:
         self.pipe, self.cfg, self.device = pipe, cfg, device
         self.tr = pipe.transformer
         self.dtype = self.tr.dtype
-        self.cache, self.cache_bytes = {}, 0  # prompt -> (emb, pooled) on CPU, oldest use first
+        self.cache, self.cache_bytes = collections.OrderedDict(), 0  # prompt -> (emb, pooled), CPU
         self.active, self.layers, self.layers_key = "?", [], None
         self.trainable = []  # the adapter weights being trained
         side = cfg.resolution // pipe.vae_scale_factor
@@ -85,10 +87,11 @@ class SD3:
             for e in encoders:
                 e.to("cpu")
             torch.cuda.empty_cache()
-        for p in need:  # most recently used last
-            self.cache[p] = self.cache.pop(p)
-        while self.cache_bytes > self.cfg.embed_cache_mb * 2**20 and next(iter(self.cache)) not in need:
-            e, q = self.cache.pop(next(iter(self.cache)))
+        for p in need:
+            self.cache.move_to_end(p)
+        limit, keep = self.cfg.embed_cache_mb * 2**20, set(need)
+        while self.cache_bytes > limit and next(iter(self.cache)) not in keep:
+            e, q = self.cache.popitem(last=False)[1]
             self.cache_bytes -= e.nbytes + q.nbytes
 
     def prompt_bytes(self):

@@ -1,11 +1,7 @@
 """The paper's baselines (baselines.py): each loss against a hand computation, and every method
 run tiny from the command line, its LoRA loaded by diffusers."""
-import dataclasses
 import json
-import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ import opd
 import prompts
 import sd3
 import tiny
-from conftest import HERE, lora, max_diff, ok, one_line_error, randomise, run, tiny_sd3, teacher_dir  # noqa: F401
+from conftest import ok, run
 
 
 def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):

@@ -1,18 +1,13 @@
 """The bench and the GPU check (bench.py): FLOP formula against torch's counter, saved bytes on
 known graphs, and the scripts run tiny."""
-import dataclasses
 import json
-import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import bench
 import tiny
-from conftest import HERE, ok, run
+from conftest import ok, run
 
 
 def test_bench_prints_flops_saved_bytes_and_memory(tmp_path):
@@ -99,8 +94,8 @@ def test_counted_flops_equal_the_round_formula(tiny_sd3):
 def test_gpu_check_runs_on_cpu_through_the_same_code(tmp_path):
     """`python bench.py --gpu_check`, here on the tiny model and the CPU: every stage measured,
     one JSON and one markdown table, and the round's operator profile."""
-    r = ok(run("--gpu_check", "--model", "tiny", "--num_steps", "3", "--out", str(tmp_path),
-               script="bench.py"))
+    ok(run("--gpu_check", "--model", "tiny", "--num_steps", "3", "--out", str(tmp_path),
+           script="bench.py"))
     res = json.load(open(tmp_path / "gpu_check.json"))
     stages = [(s["stage"], s["checkpointing"]) for s in res["stages"]]
     assert stages == [("distill fused", False), ("distill two-pass", False), ("distill fused", True),

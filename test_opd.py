@@ -16,7 +16,7 @@ import opd
 import prompts
 import sd3
 from torch.distributions import Normal
-from conftest import HERE, SMALL, lora, max_diff, ok, one_line_error, randomise, run, tiny_sd3, teacher_dir  # noqa: F401
+from conftest import HERE, randomise, run
 
 
 @pytest.mark.parametrize("n", [1, 10, 40])

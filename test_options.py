@@ -1,11 +1,8 @@
 """Options and bad input: every option's domain (values outside it derived from its Rule), the
 relations between options, bad files, bad resumes: one line, exit code 2, nothing touched."""
 import dataclasses
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +11,7 @@ import baselines
 import bench
 import machinery
 import opd
-import options
-from conftest import HERE, SMALL, ok, one_line_error, run, tree, teacher_dir  # noqa: F401
+from conftest import SMALL, ok, one_line_error, run, tree
 
 
 def _main(args, capsys, monkeypatch, script=opd):

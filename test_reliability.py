@@ -1,8 +1,6 @@
 """Reliability: kill -9 and --resume give the uninterrupted result, seeds, the EMA, the
 non-finite guard, two ranks in sync."""
-import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,8 +9,7 @@ import pytest
 import torch
 
 import machinery
-import opd
-from conftest import HERE, SMALL, lora, max_diff, ok, one_line_error, run, torchrun, teacher_dir  # noqa: F401
+from conftest import HERE, SMALL, lora, max_diff, ok, run, torchrun
 
 
 @pytest.mark.parametrize("stage", ["teacher", "distill"])

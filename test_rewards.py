@@ -1,6 +1,5 @@
 """Rewards and prompts against their original projects' conventions (read from their public
 source), on tiny random models built from configs and on synthetic detections."""
-import dataclasses
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import torch
 import rewards
 import tiny
 from machinery import LORA_FILE
-from conftest import HERE, ok, one_line_error, run
+from conftest import HERE, one_line_error, run
 
 
 @pytest.mark.parametrize("task", ["ocr", "geneval", "aesthetic"])
