@@ -23,8 +23,9 @@ The paper's comparisons on opd.py's SD3 code path, a runnable script of its own:
   (--loss closed and ppo are opd.py's: the closed form and its PPO-style surrogate)
   --stage compare   all of the above from the same teachers, with the same budget of sampled
                     trajectories as OPD (teachers + distillation), then one table (eval)
-  --stage noise     OPD at a = 0, 0.3, 0.7 from the same teachers and seeds: held-out metrics
-                    every few rounds, rounds to 90% of the final gain, noise.png
+  --stage noise     OPD at a = 0, 0.3, 0.7 from the same teachers and seeds, the SDE runs with
+                    both step weights (Eq. 11's and the public code's): held-out metrics every 2
+                    rounds, rounds to 50 / 75 / 90% of the final gain, noise.png
 
 Every student is routed: each task's prompts are supervised by that task's teacher alone (the
 public FlowOPD code averages its teachers because its tasks share one prompt set). The public
@@ -32,6 +33,7 @@ DanceOPD and FlowOPD runs are CFG-free; here every method uses the run's --guida
 comparison differs in the method only.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,7 +41,7 @@ import os
 import torch
 
 import opd
-from machinery import main as cli, say, write_text
+from machinery import gather, main as cli, say, write_text
 from opd import gaussian_logp, opd_loss, rollout, transition
 from options import arg, one_of
 
@@ -61,6 +63,10 @@ class Args(opd.Config):
              f"--loss {self.loss} rolls out with the ODE: --noise_level must be 0, got {a}"),
             (self.two_pass and self.loss not in ("closed", "ppo"),
              f"--two_pass applies to --loss closed or ppo, not {self.loss}"),
+            (stage == "distill" and self.loss == "flow" and self.batch_size < 2,
+             "--loss flow normalises over the batch: --batch_size must be at least 2"),
+            (self.sde_weight != "kl" and self.loss not in ("closed", "ppo"),
+             f"--sde_weight applies to --loss closed or ppo, not {self.loss}"),
         ]
 
 
@@ -92,10 +98,10 @@ def cascade(cfg, m, tasks, rank, world):
 
 # ------------------------------------------------------------------------------ distillation
 # Each has distill_trajectory's signature: (student, teacher, x, sigmas, noise_level,
-# train_steps, loss, backward, two_pass, generator) -> (x_N, logged loss); student and teacher
-# are velocity closures v(x, t) with their CFG, one backward(loss) per trained forward.
+# train_steps, loss, backward, two_pass, generator, sde_weight) -> (x_N, logged loss); student
+# and teacher are velocity closures v(x, t) with their CFG, one backward(loss) per trained forward.
 def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                   two_pass=False, generator=None):
+                   two_pass=False, generator=None, sde_weight="kl"):
     """The paper's SFT: the teacher samples x0 (ODE, its own CFG) from the noise x; the student
     is trained by flow matching on it: t ~ U(0, 1), x_t = (1 - t) x0 + t eps, loss
     mean (v_S(x_t) - (eps - x0))^2, as many times (each with fresh t and eps) as OPD trains steps,
@@ -117,7 +123,7 @@ def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, 
 
 
 def offpolicy_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                         two_pass=False, generator=None):
+                         two_pass=False, generator=None, sde_weight="kl"):
     """Off-policy OPD: the TEACHER rolls out with the ODE; on each of its states x_j the
     student's mean is pulled to the teacher's, 1/2 ||mu_S(x_j) - mu_T(x_j)||^2: the closed-form
     loss on states the student would not visit itself."""
@@ -141,7 +147,7 @@ def dance_query(n_states, batch, generator):
 
 
 def dance_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                     two_pass=False, generator=None):
+                     two_pass=False, generator=None, sde_weight="kl"):
     """DanceOPD: the student's deterministic (ODE) trajectory; per sample one query state x_q
     (dance_query over the sampler's N states with a velocity); L = mean (v_S(x_q) - v_T(x_q))^2
     against the task's teacher. One trained forward per sample; returns (x_q, loss)."""
@@ -156,38 +162,64 @@ def dance_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss
     return x_q, float(l.detach())
 
 
-def flow_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                    two_pass=False, generator=None, clip=0.2):
-    """FlowOPD: the student's SDE rollout (a > 0, log-density of every step); the reward of step
-    j is the teacher's log-density of the step the student took, r_j = log p_T(x_{j+1} | x_j);
-    advantages normalised per step over the micro-batch, A = (r - mean) / (std + 1e-4) (the
-    public code normalises over the whole batch of all ranks); clipped PPO (clip 0.2) on every
-    trained transition. An unbiased, noisy estimator of the per-step KL's gradient."""
-    traj = rollout(student, x, sigmas, noise_level, generator)
-    logged = 0.0
-    for j in train_steps:
-        xj, xn, std = traj["states"][:, j], traj["states"][:, j + 1], traj["stds"][:, j]
-        with torch.no_grad():
-            mu_t, _ = transition(xj, teacher(xj, sigmas[j]), sigmas[j], sigmas[j + 1], noise_level)
-            r = gaussian_logp(xn, mu_t, std)  # (B,) element-mean log-density
-            adv = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
-        mu_s, _ = transition(xj, student(xj, sigmas[j]), sigmas[j], sigmas[j + 1], noise_level)
-        ratio = torch.exp(gaussian_logp(xn, mu_s, std) - traj["logps"][:, j])
-        l = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
-        l = l / len(train_steps)
-        logged += float(l.detach())
-        backward(l)
-    return traj["states"][:, -1], logged
+def stepwise_advantages(r, world):
+    """FlowOPD's advantages: each trained step's rewards r (b, n) normalised over the whole
+    batch of every rank (a gather), A = (r - mean) / (std + 1e-4), unbiased std as torch.std;
+    no clip. Returns this rank's (b, n)."""
+    r_all = gather(r, world)
+    return (r - r_all.mean(0)) / (r_all.std(0) + 1e-4)
+
+
+def flow_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, clip=0.2):
+    """FlowOPD, one round (opd.distill_round's signature): per task, the student's SDE rollouts
+    (a > 0, no grad) and the reward of each trained step, the teacher's element-mean
+    log-density of the step the student took, r_j = log p_T(x_{j+1} | x_j); advantages per step
+    over the task's whole batch, all micro-batches and ranks (stepwise_advantages); then clipped
+    PPO (clip 0.2) on the stored transitions, ratio exp(log p_S - log p_old), one optimizer step
+    (on-policy: the ratio is 1 where it is evaluated). The original averages its teachers'
+    log-densities because its tasks share one prompt set; here each task has its own teacher."""
+    sigmas, n = opd.sd3_sigmas(cfg.num_steps), opd.parse_steps(cfg.train_steps, cfg.num_steps)
+    b, losses, a = cfg.batch_size // world, {}, cfg.noise_level
+    for i, task in enumerate(tasks):
+        mine = opd.draw_prompts(cfg, task, step, i, cfg.batch_size)[rank * b:(rank + 1) * b]
+        g, parts = opd.rng(cfg.seed, step, 1, i, rank), []
+        for s in opd.chunks(b, cfg.micro_batch):  # the rollouts and the teacher's rewards
+            student = m.velocity("student", mine[s], cfg.guidance)
+            teacher = m.velocity(teacher_of(task), mine[s], guidance_of[task.name])
+            traj = rollout(student, m.noise(len(mine[s]), g), sigmas, a, g)
+            with torch.no_grad():
+                r = [gaussian_logp(traj["states"][:, j + 1], transition(
+                    traj["states"][:, j], teacher(traj["states"][:, j], sigmas[j]), sigmas[j],
+                    sigmas[j + 1], a)[0], traj["stds"][:, j]) for j in n]
+            parts.append((s, traj, torch.stack(r, 1)))
+        adv = stepwise_advantages(torch.cat([r for _, _, r in parts]), world)
+        losses[task.name] = 0.0
+        for s, traj, _ in parts:  # the training pass on the stored transitions
+            student = m.velocity("student", mine[s], cfg.guidance)
+            for k, j in enumerate(n):
+                xj = traj["states"][:, j]
+                mu_s, _ = transition(xj, student(xj, sigmas[j]), sigmas[j], sigmas[j + 1], a)
+                # the plain PPO ratio of Flow-GRPO: exp(log p_theta - log p_old), clip 0.2
+                l, _ = opd.grpo_loss(mu_s, traj["means"][:, j], traj["states"][:, j + 1],
+                                     traj["stds"][:, j], sigmas[j + 1] - sigmas[j], adv[s, k],
+                                     clip, ratio_norm=False, dt_reweight=False)
+                l = l.sum() / (b * len(n))
+                m.use("student")
+                l.backward()
+                losses[task.name] += float(l.detach())
+    return losses
 
 
 TRAJECTORIES = {"closed": None, "ppo": None, "sft": sft_trajectory,
-                "offpolicy": offpolicy_trajectory, "dance": dance_trajectory,
-                "flow": flow_trajectory}  # None: opd.distill_trajectory
+                "offpolicy": offpolicy_trajectory, "dance": dance_trajectory}
+ROUNDS = {"flow": flow_round}  # whole-round methods; the others plug a trajectory into opd's
 
 
 def student(cfg, m, tasks, dirs, rank, world, name=None):
     c = opd.resolve(cfg, "distill")
-    return opd.distill(c, m, tasks, dirs, rank, world, name, TRAJECTORIES[c.loss])
+    round_fn = ROUNDS.get(c.loss) or functools.partial(opd.distill_round,
+                                                       trajectory=TRAJECTORIES[c.loss])
+    return opd.distill(c, m, tasks, dirs, rank, world, name, round_fn)
 
 
 # ------------------------------------------------------------------------------ the comparison
@@ -195,13 +227,16 @@ DISTILL_BASELINES = [("sft", 0.0), ("offpolicy", 0.0), ("ppo", 0.7), ("dance", 0
                      ("flow", 0.7)]  # (--loss, rollout noise a)
 
 
-def budget_steps(cfg):
-    """RL steps of joint and cascade RL that sample as many trajectories as OPD: M teachers x
-    T steps x B_T, plus D distillation rounds x M x B_D. Joint samples M x B_T a step, cascade
-    B_T a step: joint T + D B_D / B_T steps, cascade M times that."""
+def budget_steps(cfg, algo):
+    """RL steps of joint and cascade RL (with --algo algo) that sample as many trajectories as
+    OPD: M teachers x T steps x B_T, plus D distillation rounds x M x B_D. Joint samples M x B_T
+    a step, cascade B_T a step: joint T + D B_D / B_T steps, cascade M times that; each rounded
+    up to whole epochs of the algorithm."""
     t, d = opd.resolve(cfg, "teacher"), opd.resolve(cfg, "distill")
+    k = opd.resolve(dataclasses.replace(cfg, algo=algo), "teacher").updates_per_epoch
     steps = t.steps + math.ceil(d.steps * d.batch_size / t.batch_size)
-    return steps, steps * len(cfg.tasks.split(","))
+    up = lambda n: math.ceil(n / k) * k
+    return up(steps), up(steps * len(cfg.tasks.split(",")))
 
 
 def compare(cfg, m, tasks, rank, world):
@@ -215,9 +250,8 @@ def compare(cfg, m, tasks, rank, world):
     d = opd.resolve(cfg, "distill")
     opd.distill(dataclasses.replace(d, eval_every=cfg.eval_every or max(1, d.steps // 6)), m,
                 tasks, dirs, rank, world)
-    j_steps, c_steps = budget_steps(cfg)
-    for algo, stage, steps in [("grpo_guard", "joint", j_steps), ("nft", "joint", j_steps),
-                               ("nft", "cascade", c_steps)]:
+    for algo, stage in [("grpo_guard", "joint"), ("nft", "joint"), ("nft", "cascade")]:
+        steps = budget_steps(cfg, algo)[stage == "cascade"]
         sub = dataclasses.replace(cfg, algo=algo, steps=steps)
         (joint if stage == "joint" else cascade)(sub, m, tasks, rank, world)
     for loss, a in DISTILL_BASELINES:
@@ -258,34 +292,48 @@ def time_to_reach(out, table, tasks, target):
 
 
 # ------------------------------------------------------------------------------ noise ablation
-NOISE_LEVELS = (0.0, 0.3, 0.7)
+NOISE_RUNS = [(0.0, "kl"), (0.3, "kl"), (0.7, "kl"), (0.3, "sigma"), (0.7, "sigma")]
+FRACTIONS = (0.5, 0.75, 0.9)  # rounds until the held-out gain first reaches these of its final
+
+
+def noise_label(a, weight):
+    return f"a{a}" + ("" if weight == "kl" else f"-{weight}")
+
+
+def rounds_to(rounds, gain):
+    """{fraction: the first round whose mean gain reaches fraction x the final gain} (None when
+    the final gain is not positive)."""
+    return {str(f): (next(s for s, g in zip(rounds, gain) if g >= f * gain[-1])
+                     if gain[-1] > 0 else None) for f in FRACTIONS}
 
 
 def noise(cfg, m, tasks, rank, world):
-    """OPD from the run's teachers with rollouts at a = 0, 0.3 and 0.7 (same seeds), held-out
-    metrics every eval_every rounds (default: a tenth of the rounds); writes noise.json
-    (curves, rounds to 90% of the final gain) and noise.png."""
+    """OPD from the run's teachers with rollouts at a = 0, 0.3 and 0.7, the SDE ones with both
+    step weights (--sde_weight kl and sigma), same seeds; held-out metrics every eval_every
+    rounds (default: every 2 rounds); writes noise.json (curves, rounds to 50 / 75 / 90% of the
+    final gain) and noise.png."""
     names = [t.name for t in tasks]
     dirs = opd.teacher_dirs(cfg, names)
     d = opd.resolve(cfg, "distill")
-    every = cfg.eval_every or max(1, d.steps // 10)
-    for a in NOISE_LEVELS:
-        c = dataclasses.replace(d, noise_level=a, eval_every=every)
-        opd.distill(c, m, tasks, dirs, rank, world, name=f"noise/student-a{a}")
+    every = cfg.eval_every or 2
+    for a, weight in NOISE_RUNS:
+        c = dataclasses.replace(d, noise_level=a, sde_weight=weight, eval_every=every)
+        opd.distill(c, m, tasks, dirs, rank, world, name=f"noise/student-{noise_label(a, weight)}")
     if rank != 0:  # rank 0 wrote the curves
         return
     res = {"eval_every": every, "levels": {}}
-    for a in NOISE_LEVELS:
-        curve = held_out_curve(os.path.join(cfg.out, f"noise/student-a{a}"))
+    for a, weight in NOISE_RUNS:
+        curve = held_out_curve(os.path.join(cfg.out, f"noise/student-{noise_label(a, weight)}"))
+        rounds = [s for s, _, _ in curve]
         gain = [sum(r[k] - curve[0][2][k] for k in names) / len(names) for _, _, r in curve]
-        hit = next((s for (s, _, _), g in zip(curve, gain) if g >= 0.9 * gain[-1]), None) \
-            if gain[-1] > 0 else None
-        res["levels"][str(a)] = {"rounds": [s for s, _, _ in curve],
-                                 "held_out": [r for _, _, r in curve], "mean_gain": gain,
-                                 "rounds_to_90pct": hit}
+        res["levels"][noise_label(a, weight)] = {
+            "noise_level": a, "sde_weight": weight, "rounds": rounds,
+            "held_out": [r for _, _, r in curve], "mean_gain": gain,
+            "rounds_to": rounds_to(rounds, gain)}
     write_text(os.path.join(cfg.out, "noise.json"), json.dumps(res, indent=1))
-    for a, r in res["levels"].items():
-        say(0, f"a = {a}: rounds to 90% of the final gain {r['rounds_to_90pct']} "
+    for label, r in res["levels"].items():
+        say(0, f"{label}: rounds to 50/75/90% of the final gain "
+               f"{'/'.join(str(v) for v in r['rounds_to'].values())} "
                f"(final mean gain {r['mean_gain'][-1]:+.3f})")
     noise_figure(os.path.join(cfg.out, "noise.png"), res, names)
 
@@ -295,10 +343,12 @@ def noise_figure(path, res, names):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.2))
-    for a, r in res["levels"].items():
-        axes[0].plot(r["rounds"], r["mean_gain"], marker="o", label=f"a = {a}")
+    for label, r in res["levels"].items():
+        name = f"a = {r['noise_level']}" + ("" if r["sde_weight"] == "kl" else ", 1/sigma^2")
+        style = "-" if r["sde_weight"] == "kl" else "--"
+        axes[0].plot(r["rounds"], r["mean_gain"], style, marker="o", label=name)
         for ax, k in zip(axes[1:], names):
-            ax.plot(r["rounds"], [h[k] for h in r["held_out"]], marker=".", label=f"a = {a}")
+            ax.plot(r["rounds"], [h[k] for h in r["held_out"]], style, marker=".", label=name)
     axes[0].set_title("mean held-out gain over the base")
     for ax, k in zip(axes[1:], names):
         ax.set_title(f"held-out {k}")

@@ -479,7 +479,8 @@ def gpu_check(cfg):
     m.tr.enable_gradient_checkpointing()
     for algo in ("grpo_guard", "nft"):
         rc = opd.resolve(dataclasses.replace(base, algo=algo, batch_size=9, micro_batch=9,
-                                             group_size=9, grad_checkpointing=True), "teacher")
+                                             updates_per_epoch=1, group_size=9,
+                                             grad_checkpointing=True), "teacher")
         if algo == "nft":
             sd3.add_lora(m.tr, "old", rc)
         params = m.trainable = sd3.add_lora(m.tr, "policy", rc)
@@ -488,7 +489,7 @@ def gpu_check(cfg):
             m.active = "?"
             with measured(m, peak) as r:
                 batches, _ = opd.rl_sample(rc, m, tasks[:1], 0, 0, 1)
-                opd.rl_backward(rc, m, batches, 0, 0, 0, 1)
+                opd.rl_backward(rc, m, batches, torch.arange(9), 0, 0, 1)
                 opt.step(); opt.zero_grad(set_to_none=True)
         rows.append({"stage": f"{algo} update", "checkpointing": True,
                      "batch": "9" + (", CFG" if rc.guidance != 1 else ", CFG-free"), "samples": 9, **r})

@@ -117,7 +117,8 @@ class Config:
     algo: str = arg("grpo_guard", one_of("grpo_guard", "nft"), "the teachers' RL")
     group_size: int = arg(None, num(int, 2), "RL: images per prompt (one group)")
     clip_range: float = arg(2e-6, num(float, 0, 1, lo_open=True, hi_open=True), "PPO clip range")
-    inner_epochs: int = arg(1, num(int, 1, 100), "RL: optimizer steps on each sampled batch")
+    updates_per_epoch: int = arg(None, num(int, 1, 100),
+                                 "RL: an epoch samples this many batches, one optimizer step each")
     no_ratio_norm: bool = arg(False, FLAG, "plain Flow-GRPO ratio (no RatioNorm, no 1/|dt|)")
     nft_beta: float = arg(1.0, num(float, 0, 10, lo_open=True), "NFT: beta of v+ and v-")
     nft_decay: str = arg("0,0.001,0.5", text(False, _decay_ok, "FLAT,RATE,MAX with MAX < 1"),
@@ -125,6 +126,8 @@ class Config:
     nft_kl: float = arg(1e-4, num(float, 0, 100), "NFT: weight of the velocity KL to the base")
     # stage 2: distillation
     loss: str = arg("closed", one_of("closed", "ppo"), "closed-form KL | its PPO-style surrogate")
+    sde_weight: str = arg("kl", one_of("kl", "sigma"),
+                          "SDE steps: 1/(2 std^2), Eq. 11 | 1/(2 sigma_t^2), the public code")
     two_pass: bool = arg(False, FLAG, "roll out, then recompute (the reference) instead of fused")
     train_steps: str = arg("", text(True, _steps_ok, "steps like 0-8 or 0,2,4"),
                            "sampler steps with a loss (all but the last)")
@@ -157,10 +160,15 @@ class Config:
         return [
             (rl and self.batch_size % self.group_size,
              f"--batch_size {self.batch_size} is not a multiple of --group_size {self.group_size}"),
+            (rl and self.steps % self.updates_per_epoch,
+             f"--steps {self.steps} is not a multiple of --updates_per_epoch "
+             f"{self.updates_per_epoch}: an epoch's updates are not split by a checkpoint"),
             (rl and self.algo == "grpo_guard" and a == 0,
              "--algo grpo_guard needs --noise_level > 0: the ODE step has no density"),
             (stage == "distill" and self.loss == "ppo" and a == 0,
              "--loss ppo needs --noise_level > 0: the ODE step has no density"),
+            (stage == "distill" and self.sde_weight != "kl" and a == 0,
+             f"--sde_weight {self.sde_weight} weighs SDE steps: --noise_level 0 has none"),
             (max(parse_steps(self.train_steps, n)) >= n,
              f"--train_steps {self.train_steps!r} must lie in 0..{n - 1}"),
             (self.resume and self.overwrite, "--resume and --overwrite contradict each other"),
@@ -176,22 +184,26 @@ class Config:
         ]
 
 
-# The defaults of the fields left at None. Per model: resolution, T5 tokens, RL group, EMA
-# period. Per model, stage and algorithm (eval takes distill's row): the rest.
-MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12, ema_every=1),
-                  "real": dict(resolution=512, max_seq_len=128, group_size=24, ema_every=8)}
+# The defaults of the fields left at None. Per model: resolution, T5 tokens, RL group. Per model,
+# stage and algorithm (eval takes distill's row): the rest. The real rows are the public configs
+# on 8 GPUs (docs/real-model.md): GRPO-Guard samples 48 prompts x 24 images an epoch and steps
+# twice (576 each), its EMA every 8 steps; DiffusionNFT (GenEval) steps once on all 1,152, EMA
+# every step; OPD 3 trajectories per task and GPU. The tiny rows keep the same structure, smaller.
+MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12),
+                  "real": dict(resolution=512, max_seq_len=128, group_size=24)}
 ATTN = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # the paper's
 TINY_MULTI = ATTN + ",norm1.linear,norm1_context.linear,norm_out.linear,context_embedder," \
                     "text_embedder.linear_1,text_embedder.linear_2"  # + AdaLN, text projections
-COLUMNS = ("steps", "lr", "batch_size", "micro_batch", "noise_level", "guidance", "lora_targets")
+COLUMNS = ("steps", "lr", "batch_size", "micro_batch", "noise_level", "guidance",
+           "updates_per_epoch", "ema_every", "lora_targets")
 STAGE_DEFAULTS = {
-    # (model, stage, algo)            steps   lr   batch  micro    a   CFG  LoRA targets
-    ("tiny", "teacher", "grpo_guard"): (60, 1e-3, 24, 0, 0.7, 4.5, ATTN),
-    ("tiny", "teacher", "nft"):        (60, 1e-3, 24, 0, 0.0, 1.0, ATTN),
-    ("tiny", "distill", None):         (60, 3e-3, 16, 0, 0.0, 4.5, TINY_MULTI),
-    ("real", "teacher", "grpo_guard"): (1000, 1e-4, 24, 9, 0.7, 4.5, ATTN),
-    ("real", "teacher", "nft"):        (1000, 3e-4, 24, 9, 0.0, 1.0, ATTN),
-    ("real", "distill", None):         (1000, 3e-4, 24, 3, 0.0, 4.5, ATTN),
+    # (model, stage, algo)            steps   lr   batch  micro  a   CFG   K  EMA  LoRA targets
+    ("tiny", "teacher", "grpo_guard"): (60, 1e-3, 24, 0, 0.7, 4.5, 2, 1, ATTN),
+    ("tiny", "teacher", "nft"):        (60, 1e-3, 24, 0, 0.0, 1.0, 1, 1, ATTN),
+    ("tiny", "distill", None):         (60, 3e-3, 16, 0, 0.0, 4.5, 1, 1, TINY_MULTI),
+    ("real", "teacher", "grpo_guard"): (1000, 1e-4, 576, 9, 0.7, 4.5, 2, 8, ATTN),
+    ("real", "teacher", "nft"):        (1000, 3e-4, 1152, 9, 0.0, 1.0, 1, 1, ATTN),
+    ("real", "distill", None):         (1000, 3e-4, 24, 3, 0.0, 4.5, 1, 8, ATTN),
 }
 
 
@@ -263,16 +275,21 @@ def gaussian_logp(x_next, mu, std, reduce="mean"):
     return lp.mean(1) if reduce == "mean" else lp.sum(1)
 
 
-def opd_loss(mu_s, mu_t, std):
+def opd_loss(mu_s, mu_t, std, dt=None, sde_weight="kl"):
     """The closed-form per-step KL between student and teacher transitions, (B,).
-    SDE (paper Eq. 11): KL(N(mu_S, s^2 I) || N(mu_T, s^2 I)) = ||mu_S - mu_T||^2 / (2 s^2).
+    SDE (paper Eq. 11): KL(N(mu_S, s^2 I) || N(mu_T, s^2 I)) = ||mu_S - mu_T||^2 / (2 s^2), with
+    s = std_j = sigma_t sqrt(|dt|); sde_weight="sigma" is the public code's weight instead,
+    1 / (2 sigma_t^2) = |dt| / (2 s^2) (needs dt): late steps (small |dt|) weigh relatively less.
     ODE (paper Eq. 12, std = 0): 1/2 ||mu_S - mu_T||^2.
     Reduction: the squared norm is averaged over latent elements (public code), i.e. the paper's
     KL divided by the number of elements D. The teacher target is cast to fp32."""
     d2 = (mu_s.float() - mu_t.float()).pow(2).flatten(1).mean(1)  # ||mu_S - mu_T||^2 / D
     std = std.float()
-    # ODE rows (std = 0) use weight 1/2; SDE rows 1 / (2 s^2)
-    w = torch.where(std > 0, 1 / (2 * std.clamp_min(1e-20) ** 2), torch.full_like(std, 0.5))
+    kl = 1 / (2 * std.clamp_min(1e-20) ** 2)
+    if sde_weight == "sigma":  # 1 / (2 sigma_t^2) = |dt| / (2 std^2)
+        kl = kl * torch.as_tensor(dt, dtype=torch.float32, device=std.device).abs()
+    # ODE rows (std = 0) use weight 1/2; SDE rows the KL's
+    w = torch.where(std > 0, kl, torch.full_like(std, 0.5))
     return w * d2
 
 
@@ -300,7 +317,7 @@ def group_advantages(rewards, groups, clip=5.0, eps=1e-4, global_std=False):
 def grpo_loss(mu, mu_old, x_next, std, dt, adv, clip_range, ratio_norm=True, dt_reweight=True):
     """GRPO-Guard's clipped policy loss for one denoising step, (B,). mu: the trained policy's
     mean (with grad); mu_old, x_next, std: stored from the rollout; dt: t_{j+1} - t_j.
-    ratio_norm=False and dt_reweight=False give plain Flow-GRPO."""
+    ratio_norm=False and dt_reweight=False give plain Flow-GRPO. Returns (loss, ratio)."""
     s = _bcast(std, mu)
     if ratio_norm:
         # RatioNorm: log r_hat = mean(eps * (mu_theta - mu_old)), eps = (x_{j+1} - mu_old) / s;
@@ -316,7 +333,7 @@ def grpo_loss(mu, mu_old, x_next, std, dt, adv, clip_range, ratio_norm=True, dt_
     if dt_reweight:
         # every timestep contributes equally: divide by |dt_j|
         loss = loss / abs(float(dt))
-    return loss
+    return loss, ratio
 
 
 def nft_r(adv, clip=5.0):
@@ -362,10 +379,10 @@ def rollout(velocity, x, sigmas, noise_level, generator=None):
                 stds=torch.stack(stds, 1), logps=torch.stack(logps, 1))
 
 
-def step_loss(mu_s, mu_t, std, x_next, loss="closed"):
+def step_loss(mu_s, mu_t, std, x_next, loss="closed", dt=None, sde_weight="kl"):
     """Per-sample loss of one step (B,): the closed-form KL, or its PPO-style surrogate, whose
     action a_j = x_{j+1} is the state the rollout actually took (true log-density: a sum)."""
-    delta = opd_loss(mu_s, mu_t, std)
+    delta = opd_loss(mu_s, mu_t, std, dt, sde_weight)
     if loss == "closed":
         return delta
     logp = gaussian_logp(x_next.detach(), mu_s, std, reduce="sum")
@@ -376,7 +393,7 @@ def step_loss(mu_s, mu_t, std, x_next, loss="closed"):
 # stage 2, Algorithm 1: the student's own rollouts, every state supervised by the task's teacher
 # ---------------------------------------------------------------------------------------------
 def distill_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss="closed",
-                       backward=None, two_pass=False, generator=None):
+                       backward=None, two_pass=False, generator=None, sde_weight="kl"):
     """On-policy distillation on one batch of student trajectories (paper Eq. 11/12). The
     student rolls out from x (B, ...); on every state x_j it visits with j in train_steps, the
     teacher's mean mu_T(x_j) (no grad, fp32) is the target of the closed-form loss.
@@ -402,7 +419,7 @@ def distill_trajectory(student, teacher, x, sigmas, noise_level, train_steps, lo
         if train:
             with torch.no_grad():  # the teacher's mean on the student's own state
                 mu_t, _ = transition(x, teacher(x, t), t, t_next, noise_level)
-            step = step_loss(mu_s, mu_t, std, x_next, loss).mean() / n
+            step = step_loss(mu_s, mu_t, std, x_next, loss, t_next - t, sde_weight).mean() / n
             logged += float(step.detach())
             if backward is None:
                 total = total + step
@@ -434,14 +451,15 @@ def distill_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, tra
             teacher = m.velocity(teacher_of(task), ps, guidance_of[task.name])
             _, loss = trajectory(student, teacher, m.noise(len(ps), g), sigmas, cfg.noise_level,
                                  train_steps, cfg.loss, lambda l: backward(l, share),
-                                 cfg.two_pass, g)
+                                 cfg.two_pass, g, cfg.sde_weight)
             losses[task.name] += loss * share
     return losses
 
 
-def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, trajectory=None):
+def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None):
     """Stage 2 into <out>/<name> (student, or student-<loss>): the M teachers as adapters, the
-    student a new one; rounds of distill_round, each one optimizer step, EMA, log, checkpoint.
+    student a new one; rounds of distill_round (or a baseline's round_fn of its signature but
+    the last), each one optimizer step, EMA, log, checkpoint.
     With --eval_every the EMA student's held-out metrics every so many rounds go to
     metrics.jsonl (not timed)."""
     name = name or ("student" if cfg.loss == "closed" else f"student-{cfg.loss}")
@@ -465,8 +483,8 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, trajectory=None
                 log(step=step, elapsed=round(elapsed, 3), held_out=held())
         t0 = time.perf_counter()
         encode_ahead(cfg, m, step, prompts_of)
-        losses = distill_round(cfg, m, tasks, step, rank, world, lambda t: f"teacher-{t.name}",
-                               guidance, trajectory)
+        losses = (round_fn or distill_round)(cfg, m, tasks, step, rank, world,
+                                             lambda t: f"teacher-{t.name}", guidance)
         gnorm, bad = optimizer_step(cfg, opt, params, bad, rank, world)
         ema.step(step + 1)
         seconds = time.perf_counter() - t0
@@ -488,17 +506,17 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, trajectory=None
 # schedule(step) -> the tasks of a step: one for a teacher (baselines.py passes others).
 # ---------------------------------------------------------------------------------------------
 def rl_sample(cfg, m, tasks, step, rank, world):
-    """The samples of one RL step. Per task: batch_size / G prompts, G images each. GRPO-Guard:
-    SDE rollouts of the policy, every state kept; NFT: ODE samples of the 'old' adapter, of
-    which x0 and the reward are used. Each image is scored by its own task's reward and its
-    advantage computed within its prompt's group (NFT: with the std of the task's batch), so the
-    tasks' reward scales never mix. Returns ([(prompts, trajectories, advantages)], {task: mean
-    reward})."""
-    G, b, nft = cfg.group_size, cfg.batch_size // world, cfg.algo == "nft"
-    sigmas, batches, rewards = sd3_sigmas(cfg.num_steps), [], {}
+    """The samples of one RL epoch: per task, updates_per_epoch x batch_size trajectories, G
+    images for each of its prompts. GRPO-Guard: SDE rollouts of the policy, every state kept;
+    NFT: ODE samples of the 'old' adapter, of which x0 and the reward are used. Each image is
+    scored by its own task's reward and its advantage computed within its prompt's group (NFT:
+    with the std of the task's batch), so the tasks' reward scales never mix. Returns
+    ([(prompts, trajectories, advantages)] of this rank, {task: mean reward})."""
+    G, nft = cfg.group_size, cfg.algo == "nft"
+    n = cfg.updates_per_epoch * cfg.batch_size  # the epoch's trajectories per task, all ranks
+    b, sigmas, batches, rewards = n // world, sd3_sigmas(cfg.num_steps), [], {}
     for i, task in enumerate(tasks):
-        prompts = [p for p in draw_prompts(cfg, task, step, i, cfg.batch_size // G)
-                   for _ in range(G)]
+        prompts = [p for p in draw_prompts(cfg, task, step, i, n // G) for _ in range(G)]
         mine, g = prompts[rank * b:(rank + 1) * b], rng(cfg.seed, step, 1, i, rank)
         parts = [rollout(m.velocity("old" if nft else "policy", mine[s], cfg.guidance),
                          m.noise(len(mine[s]), g), sigmas, cfg.noise_level, g)
@@ -511,39 +529,66 @@ def rl_sample(cfg, m, tasks, step, rank, world):
     return batches, rewards
 
 
-def rl_backward(cfg, m, batches, step, epoch, rank, world):
-    """Gradient of the RL loss on the sampled batches at the sampler's steps but the last
-    (Flow-GRPO's timestep_fraction 0.99 of 10 steps): GRPO-Guard's clipped ratio on the stored
-    steps, or NFT's loss at those times on fresh noise around each x0."""
-    b, N, nft = cfg.batch_size // world, cfg.num_steps, cfg.algo == "nft"
-    sigmas, steps = sd3_sigmas(N), range(N - 1)
+def nft_timesteps(batch, num_steps, generator):
+    """DiffusionNFT's trained times: per sample a random permutation of the sampler's N steps, of
+    which the first int(0.99 N) (= N - 1 for N < 100) are trained, each with fresh noise.
+    Returns (batch, N - 1) step indices, distinct within a row."""
+    order = torch.rand(batch, num_steps, generator=generator).argsort(1)  # a permutation per row
+    return order[:, :num_steps - 1]
+
+
+def rl_backward(cfg, m, batches, rows, step, rank, world):
+    """Gradient of one RL update on the samples `rows` (indices into each task's samples on this
+    rank), at the sampler's steps but the last (timestep_fraction 0.99 of 10 steps):
+    GRPO-Guard's clipped ratio on the stored steps 0..N-2 in order, or NFT's loss on a random
+    N - 1 of the N times per sample with fresh noise around each x0. Returns the update's
+    {clipfrac, ratio_dev, approx_kl} over all ranks (GRPO-Guard; empty for NFT): the fraction
+    of ratios outside the clip range, mean |ratio - 1| and 0.5 mean (log ratio)^2 (Flow-GRPO)."""
+    N, nft, b = cfg.num_steps, cfg.algo == "nft", len(rows)
+    sigmas = sd3_sigmas(N)
+    stats = torch.zeros(4, dtype=torch.float64)  # clipped, sum |ratio - 1|, sum log^2, count
     for i, (mine, traj, adv) in enumerate(batches):
-        g = rng(cfg.seed, step, 2, i, rank, epoch)  # NFT's fresh noise
+        g = rng(cfg.seed, step, 2, i, rank)  # NFT's timesteps and fresh noise
         for s in chunks(b, cfg.micro_batch):
-            v = m.velocity("policy", mine[s], cfg.guidance)
+            idx = rows[s]
+            ps, a, states = [mine[r] for r in idx], adv[idx.to(adv.device)], traj["states"][idx]
+            v = m.velocity("policy", ps, cfg.guidance)
             if nft:
-                v_old = m.velocity("old", mine[s], cfg.guidance)
-                v_ref = m.velocity(None, mine[s], cfg.guidance)
-            for j in steps:
-                t, t_next = sigmas[j], sigmas[j + 1]
-                if nft:  # x_t = (1 - t) x0 + t eps, eps fresh; v_old from the old adapter
-                    x0 = traj["states"][s, -1]
-                    x_t = (1 - t) * x0 + t * torch.randn(x0.shape, generator=g).to(x0.device)
+                v_old = m.velocity("old", ps, cfg.guidance)
+                v_ref = m.velocity(None, ps, cfg.guidance)
+                ts = nft_timesteps(len(idx), N, g)
+            for k in range(N - 1):
+                if nft:  # x_t = (1 - t) x0 + t eps at each sample's own t, eps fresh
+                    x0 = states[:, -1]
+                    t = sigmas[ts[:, k]].to(x0.device)  # (B,)
+                    eps = torch.randn(x0.shape, generator=g).to(x0.device)
+                    x_t = (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * eps
                     with torch.no_grad():
                         vo, vr = v_old(x_t, t), (v_ref(x_t, t) if cfg.nft_kl else None)
                     vt = v(x_t, t)
-                    loss = nft_loss(vt, vo, x0, x_t, t, nft_r(adv[s]), cfg.nft_beta)
+                    loss = nft_loss(vt, vo, x0, x_t, t, nft_r(a), cfg.nft_beta)
                     if cfg.nft_kl:  # + KL to the base model: mean (v_theta - v_ref)^2
                         loss = loss + cfg.nft_kl * (vt - vr).pow(2).flatten(1).mean(1)
                 else:
-                    x = traj["states"][s, j]
+                    t, t_next, x = sigmas[k], sigmas[k + 1], states[:, k]
                     mu, _ = transition(x, v(x, t), t, t_next, cfg.noise_level)
-                    loss = grpo_loss(mu, traj["means"][s, j], traj["states"][s, j + 1],
-                                     traj["stds"][s, j], t_next - t, adv[s], cfg.clip_range,
-                                     ratio_norm=not cfg.no_ratio_norm,
-                                     dt_reweight=not cfg.no_ratio_norm)
+                    loss, ratio = grpo_loss(mu, traj["means"][idx, k], states[:, k + 1],
+                                            traj["stds"][idx, k], t_next - t, a, cfg.clip_range,
+                                            ratio_norm=not cfg.no_ratio_norm,
+                                            dt_reweight=not cfg.no_ratio_norm)
+                    r = ratio.detach().double().cpu()
+                    stats += torch.stack([((r - 1).abs() > cfg.clip_range).sum(),
+                                          (r - 1).abs().sum(), r.log().pow(2).sum(),
+                                          torch.tensor(len(r), dtype=torch.float64)])
                 m.use("policy")  # gradient checkpointing recomputes with the active adapter
-                (loss.sum() / (b * len(batches) * len(steps))).backward()
+                (loss.sum() / (b * len(batches) * (N - 1))).backward()
+    if nft:
+        return {}
+    if world > 1:
+        stats = stats.to(m.device)
+        torch.distributed.all_reduce(stats)
+    c, dev, kl, n = stats.tolist()
+    return dict(clipfrac=c / n, ratio_dev=dev / n, approx_kl=0.5 * kl / n)
 
 
 def nft_decay(cfg, step):
@@ -554,8 +599,11 @@ def nft_decay(cfg, step):
 
 
 def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
-    """Stage 1 (a teacher: one task). Writes <out>/<name>/: the LoRA (its EMA), config.json,
-    run.json, metrics.jsonl, checkpoints."""
+    """Stage 1 (a teacher: one task). Each epoch samples K = updates_per_epoch batches, shuffles
+    them on each rank and takes K optimizer steps, one per batch_size trajectories, as the public
+    configs do: every update after the first trains on samples of an older policy, where the
+    ratio, RatioNorm and the clip act. NFT's old adapter follows once per epoch. Writes
+    <out>/<name>/: the LoRA (its EMA), config.json, run.json, metrics.jsonl, checkpoints."""
     run_dir = os.path.join(cfg.out, name)
     if (mode := prepare_run(run_dir, cfg, rank, name)) == "done":
         return run_dir
@@ -565,27 +613,30 @@ def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
         add_lora(m.tr, "old", cfg)
         old = [p for n, p in m.tr.named_parameters() if ".old." in n]
     params, opt, ema, start, elapsed = start_training(cfg, m, run_dir, "policy", mode, rank, old)
-    log, bad = logger(run_dir, rank), 0
-    prompts_of = lambda s: [p for i, t in enumerate(schedule(s))
-                            for p in draw_prompts(cfg, t, s, i, cfg.batch_size // cfg.group_size)]
-    bar_ = bar(range(start, cfg.steps), rank, name)
-    for step in bar_:
+    log, bad, K, b = logger(run_dir, rank), 0, cfg.updates_per_epoch, cfg.batch_size // world
+    prompts_of = lambda s: [p for i, t in enumerate(schedule(s)) for p in
+                            draw_prompts(cfg, t, s, i, K * cfg.batch_size // cfg.group_size)]
+    bar_ = bar(range(start, cfg.steps, K), rank, name)
+    for first in bar_:  # one epoch: optimizer steps first .. first + K - 1
         t0 = time.perf_counter()
-        encode_ahead(cfg, m, step, prompts_of)
-        batches, rewards = rl_sample(cfg, m, schedule(step), step, rank, world)
-        for epoch in range(cfg.inner_epochs):
-            rl_backward(cfg, m, batches, step, epoch, rank, world)
+        encode_ahead(cfg, m, first, prompts_of)
+        batches, rewards = rl_sample(cfg, m, schedule(first), first, rank, world)
+        order = torch.randperm(K * b, generator=rng(cfg.seed, first, 3, rank))
+        for u, step in enumerate(range(first, first + K)):
+            stats = rl_backward(cfg, m, batches, order[u * b:(u + 1) * b], step, rank, world)
             gnorm, bad = optimizer_step(cfg, opt, params, bad, rank, world)
-        ema.step(step + 1)
-        with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta
+            ema.step(step + 1)
+            now = time.perf_counter()
+            elapsed, t0 = elapsed + now - t0, now
+            sampled = {f"reward_{k}": v for k, v in rewards.items()} if u == 0 else {}
+            log(step=step + 1, **sampled, grad_norm=gnorm, **stats, elapsed=round(elapsed, 3))
+        with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta, once an epoch
             for po, p in zip(old, params):
-                po.lerp_(p.detach(), 1 - nft_decay(cfg, step + 1))
-        elapsed += time.perf_counter() - t0
-        log(step=step + 1, **{f"reward_{k}": v for k, v in rewards.items()}, grad_norm=gnorm,
-            elapsed=round(elapsed, 3))
+                po.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
         bar_.set_postfix(reward=f"{sum(rewards.values()) / len(rewards):.3f}")
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(run_dir, step + 1, m.tr, ["policy"], [opt], [ema], cfg, old, elapsed)
+        end = first + K
+        if rank == 0 and (end // cfg.save_every > first // cfg.save_every or end == cfg.steps):
+            save_checkpoint(run_dir, end, m.tr, ["policy"], [opt], [ema], cfg, old, elapsed)
     return finish_run(run_dir, cfg, m, "policy", ema, rank, world, elapsed,
                       cfg.steps * len(schedule(0)) * cfg.batch_size)
 

@@ -113,7 +113,7 @@ def grpo_update(model, opt, task_prompts, g, group=16, noise_level=0.7, clip=1e-
         mu, _ = transition(traj["states"][:, j], model(traj["states"][:, j], SIGMAS[j], p),
                            SIGMAS[j], SIGMAS[j + 1], noise_level)
         loss = grpo_loss(mu, traj["means"][:, j], traj["states"][:, j + 1], traj["stds"][:, j],
-                         SIGMAS[j + 1] - SIGMAS[j], adv, clip).mean() / N
+                         SIGMAS[j + 1] - SIGMAS[j], adv, clip)[0].mean() / N
         loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

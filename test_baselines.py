@@ -1,5 +1,6 @@
 """The paper's baselines (baselines.py): each loss against a hand computation, and every method
 run tiny from the command line, its LoRA loaded by diffusers."""
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ import opd
 import prompts
 import sd3
 import tiny
-from conftest import ok, run
+from conftest import ok, randomise, run
 
 
 def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
@@ -88,8 +89,12 @@ def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
             "--eval_seeds", "1", "--out", out, script="baselines.py")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(os.path.join(out, "noise.json")))
-    assert set(res["levels"]) == {"0.0", "0.3", "0.7"} and all(v["rounds"] == [0, 1, 2] for v in res["levels"].values())
-    assert os.path.isfile(os.path.join(out, "noise.png")) and "rounds to 90%" in r.stdout
+    assert set(res["levels"]) == {"a0.0", "a0.3", "a0.7", "a0.3-sigma", "a0.7-sigma"}
+    assert all(v["rounds"] == [0, 1, 2] and set(v["rounds_to"]) == {"0.5", "0.75", "0.9"} for v in res["levels"].values())
+    assert os.path.isfile(os.path.join(out, "noise.png")) and "rounds to 50/75/90%" in r.stdout
+    c = json.load(open(os.path.join(out, "noise", "student-a0.7-sigma", "config.json")))
+    assert (c["noise_level"], c["sde_weight"]) == (0.7, "sigma")
+    tiny.tiny_pipeline().load_lora_weights(os.path.join(out, "noise", "student-a0.7-sigma"), adapter_name="s")
 
 
 def _linear(w):
@@ -162,6 +167,76 @@ def test_dance_loss_at_each_samples_query_state_against_the_routed_teacher():
     x_q, t_q = states[torch.arange(4), q], sigmas[q].view(-1, 1, 1, 1)
     expect = ((0.3 * x_q + t_q) - (-0.8 * x_q + t_q)).pow(2).mean()
     assert len(losses) == 1 and torch.allclose(losses[0], expect, atol=1e-6)
+
+
+def test_flow_advantages_are_per_step_over_the_whole_batch():
+    r = torch.tensor([[1.0, 10.0], [2.0, 30.0], [4.0, 20.0]])
+    def col(c):  # mean and unbiased std of one step's three rewards, by hand
+        mean = sum(c) / 3
+        std = (sum((x - mean) ** 2 for x in c) / 2) ** 0.5
+        return [(x - mean) / (std + 1e-4) for x in c]
+    want = torch.stack([torch.tensor(col(r[:, 0].tolist())), torch.tensor(col(r[:, 1].tolist()))], 1)
+    assert torch.allclose(baselines.stepwise_advantages(r, 1), want, atol=1e-6)
+
+
+FLOW_PROMPTS = ["a red cat", "a blue dog", "a green car", "a bright dog on the left"]
+
+
+def _flow_grads(m, cfg):
+    for p in m.trainable:
+        p.grad = None
+    task = prompts.Task("color", FLOW_PROMPTS, [], None)
+    losses = baselines.flow_round(cfg, m, [task], 0, 0, 1, lambda t: "teacher-x", {"color": 4.5})
+    return torch.cat([p.grad.flatten() for p in m.trainable]), losses["color"]
+
+
+def _flow_by_hand(m, cfg):
+    """The same rollouts (micro-batch by micro-batch from the same generator), the teacher's
+    log-density of each step taken, advantages per step over all 4, then the on-policy clipped-PPO
+    gradient: -mean_{b, j} A_bj grad log p_S(x_{j+1} | x_j)."""
+    mine = opd.draw_prompts(cfg, prompts.Task("color", FLOW_PROMPTS, [], None), 0, 0, 4)
+    g, sig, a = opd.rng(cfg.seed, 0, 1, 0, 0), opd.sd3_sigmas(3), 0.7
+    parts = [(s, opd.rollout(m.velocity("student", mine[s], 4.5), m.noise(len(mine[s]), g), sig, a, g))
+             for s in opd.chunks(4, cfg.micro_batch)]
+    r = []
+    for s, traj in parts:
+        teacher, xs = m.velocity("teacher-x", mine[s], 4.5), traj["states"]
+        with torch.no_grad():
+            r.append(torch.stack([opd.gaussian_logp(xs[:, j + 1], opd.transition(xs[:, j], teacher(xs[:, j], sig[j]), sig[j],
+                                                                                   sig[j + 1], a)[0], traj["stds"][:, j])
+                                  for j in (0, 1)], 1))
+    r = torch.cat(r)
+    adv = (r - r.mean(0)) / (r.std(0) + 1e-4)
+    for p in m.trainable:
+        p.grad = None
+    for s, traj in parts:
+        student, xs = m.velocity("student", mine[s], 4.5), traj["states"]
+        for j in (0, 1):
+            mu = opd.transition(xs[:, j], student(xs[:, j], sig[j]), sig[j], sig[j + 1], a)[0]
+            (-(adv[s, j] * opd.gaussian_logp(xs[:, j + 1], mu, traj["stds"][:, j])).sum() / 8).backward()
+    return torch.cat([p.grad.flatten() for p in m.trainable])
+
+
+def test_flow_round_normalises_over_the_round_not_the_micro_batch(tiny_sd3):
+    """FlowOPD's gradient against a hand computation, with the round's 4 trajectories in one forward
+    and in micro-batches of 2: the advantages are over all 4 either way (per micro-batch they
+    would differ; with micro-batches of 1 they would all be 0)."""
+    m, _ = tiny_sd3
+    cfg = opd.resolve(opd.parse_config(["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--num_steps", "3",
+                                        "--batch_size", "4"], baselines.Args), "distill")
+    sd3.add_lora(m.tr, "teacher-x", cfg); randomise(m.tr, "teacher-x", 1)
+    m.trainable = sd3.add_lora(m.tr, "student", cfg); randomise(m.tr, "student", 2)
+    m.active = "student"
+    try:
+        out = []
+        for micro in (0, 2):
+            c = dataclasses.replace(cfg, micro_batch=micro)
+            out.append((*_flow_grads(m, c), _flow_by_hand(m, c)))
+    finally:
+        sd3.drop_adapters(m)
+    for grad, loss, hand in out:
+        assert grad.abs().sum() > 0 and abs(loss) < 1e-5  # on-policy: the loss is -mean A = 0
+        assert torch.allclose(grad, hand, rtol=1e-4, atol=1e-7)
 
 
 def test_every_distillation_baseline_runs_and_its_lora_loads(tmp_path, teacher_dir):

@@ -76,6 +76,23 @@ def test_closed_form_kl_matches_monte_carlo():
     assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None], torch.zeros(1))[0], 0.5 * (mu_s - mu_t).pow(2).mean())
 
 
+def test_sde_weight_sigma_is_the_public_codes_one_over_two_sigma_squared():
+    """--sde_weight sigma: ||mu_S - mu_T||^2 / D / (2 sigma_t^2), sigma_t = a sqrt(t / (1 - t)) written
+    out here, against Eq. 11's 1 / (2 std^2), std = sigma_t sqrt(|dt|): their ratio is |dt|."""
+    g = torch.Generator().manual_seed(0)
+    sig = opd.sd3_sigmas(10)
+    t, t_next, a = sig[3].item(), sig[4].item(), 0.7
+    x, v_s, v_t = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    mu_s, std = opd.transition(x, v_s, t, t_next, a)
+    mu_t, _ = opd.transition(x, v_t, t, t_next, a)
+    sigma2 = a**2 * t / (1 - t)
+    d2 = (mu_s - mu_t).pow(2).flatten(1).mean(1)
+    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std, t_next - t, "sigma"), d2 / (2 * sigma2), rtol=1e-5)
+    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std), d2 / (2 * sigma2 * (t - t_next)), rtol=1e-5)
+    zero = torch.zeros(2)  # ODE rows keep 1/2 under either weight
+    assert torch.equal(opd.opd_loss(mu_s, mu_t, zero, t_next - t, "sigma"), 0.5 * d2)
+
+
 @pytest.mark.parametrize("s", [0.05, 0.5])
 def test_ppo_gradient_mean_equals_closed_form(s):
     """Per-draw gradients of rho * Delta w.r.t. mu_S: their mean is the closed-form gradient
@@ -103,18 +120,18 @@ def test_grpo_guard_ratio():
     x_next, mu = mu_old + s * eps, mu_old + 0.01 * torch.randn(B, D, generator=g)
     std, adv = torch.full((B,), s), torch.ones(B)
     # with A = 1 and no clipping the loss is -ratio
-    loss = opd.grpo_loss(mu, mu_old, x_next, std, dt, adv, 1e9, ratio_norm=True, dt_reweight=False)
+    loss = opd.grpo_loss(mu, mu_old, x_next, std, dt, adv, 1e9, ratio_norm=True, dt_reweight=False)[0]
     assert torch.allclose(torch.log(-loss), (eps * (mu - mu_old)).mean(1), atol=1e-6)
     # plain Flow-GRPO: the ratio of element-mean densities
-    loss = opd.grpo_loss(mu, mu_old, x_next, std, dt, adv, 1e9, ratio_norm=False, dt_reweight=False)
+    loss = opd.grpo_loss(mu, mu_old, x_next, std, dt, adv, 1e9, ratio_norm=False, dt_reweight=False)[0]
     ref = (Normal(mu, s).log_prob(x_next) - Normal(mu_old, s).log_prob(x_next)).mean(1)
     assert torch.allclose(torch.log(-loss), ref, atol=1e-5)
     # on-policy the ratio is exactly 1; 1/|dt| reweighting
-    loss = opd.grpo_loss(mu_old, mu_old, x_next, std, dt, 3 * adv, 2e-6)
+    loss = opd.grpo_loss(mu_old, mu_old, x_next, std, dt, 3 * adv, 2e-6)[0]
     assert torch.equal(loss, torch.full((B,), -3.0) / 0.1)
     # clipping: a positive advantage gains nothing beyond 1 + e
     far = mu_old + 0.5 * eps * s
-    loss = opd.grpo_loss(far, mu_old, x_next, std, dt, adv, 1e-3, dt_reweight=False)
+    loss = opd.grpo_loss(far, mu_old, x_next, std, dt, adv, 1e-3, dt_reweight=False)[0]
     assert torch.allclose(loss, torch.full((B,), -(1 + 1e-3)))
 
 
@@ -158,6 +175,26 @@ def test_nft_loss_against_velocity_form(beta):
         want = (r * (tt * (vp - v)).pow(2).mean(1) / wp[:, 0] + (1 - r) * (tt * (vn - v)).pow(2).mean(1) / wn[:, 0]) / beta * 5
         grad = 5 / beta * (r[:, None] * 2 * tt**2 * beta * (vp - v) / wp - (1 - r[:, None]) * 2 * tt**2 * beta * (vn - v) / wn) / D
     assert torch.allclose(loss.detach().double(), want, rtol=1e-5) and torch.allclose(v_th.grad, grad, rtol=1e-4, atol=1e-9)
+
+
+def test_nft_trains_a_random_9_of_10_times_per_sample():
+    """Each row: N - 1 distinct steps of the N; over many rows every step is left out with
+    frequency 1/N (5 binomial standard errors), and rows differ."""
+    n, N = 20_000, 10
+    ts = opd.nft_timesteps(n, N, torch.Generator().manual_seed(0))
+    assert ts.shape == (n, N - 1) and ts.min() >= 0 and ts.max() < N
+    assert all(len(set(r)) == N - 1 for r in ts[:500].tolist())
+    left_out = N * (N - 1) // 2 - ts.sum(1)  # the missing index of each row
+    freq = torch.bincount(left_out, minlength=N).float() / n
+    assert ((freq - 1 / N).abs() < 5 * (0.1 * 0.9 / n) ** 0.5).all()
+    # nft_loss at per-sample times equals the loss of each sample at its own scalar time
+    g = torch.Generator().manual_seed(1)
+    x0, eps, v_old, v = (torch.randn(3, 8, generator=g) for _ in range(4))
+    t, r = opd.sd3_sigmas(N)[ts[:3, 0]], torch.tensor([0.2, 0.5, 0.9])
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    each = torch.cat([opd.nft_loss(v[i:i + 1], v_old[i:i + 1], x0[i:i + 1], x_t[i:i + 1], float(t[i]), r[i:i + 1], 1.0)
+                      for i in range(3)])
+    assert torch.allclose(opd.nft_loss(v, v_old, x0, x_t, t, r, 1.0), each, rtol=1e-6)
 
 
 def test_nft_loss_minimum_is_the_positive_policy_on_target():
@@ -251,6 +288,55 @@ def test_fused_equals_two_pass_gradient_and_checkpointing_changes_nothing(tiny_s
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
     assert torch.allclose(grads[2], grads[3], rtol=1e-4, atol=1e-7)
     assert torch.allclose(ckpt, grads[0], rtol=1e-5, atol=1e-8)
+
+
+def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_sd3):
+    """An RL epoch of K = 2 updates: on the first, both ratio forms are exactly 1 and give the same
+    loss; after one optimizer step the second half's ratios depart from 1 (logged as ratio_dev and
+    clipfrac), and RatioNorm's ratio differs from plain Flow-GRPO's there."""
+    m, _ = tiny_sd3
+    cfg = opd.resolve(opd.parse_config(["--stage", "teacher", "--num_steps", "3", "--batch_size", "4", "--group_size", "4",
+                                        "--steps", "2"]), "teacher")
+    assert cfg.updates_per_epoch == 2
+    task = prompts.make_task("color", cfg)
+    params = m.trainable = sd3.add_lora(m.tr, "policy", cfg)
+    m.active = "policy"
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sig = opd.sd3_sigmas(3)
+    try:
+        batches, _ = opd.rl_sample(cfg, m, [task], 0, 0, 1)
+        mine, traj, adv = batches[0]
+
+        def losses(rows):  # the step-0 loss of these samples with both ratio forms, today's weights
+            x, ps = traj["states"][rows, 0], [mine[r] for r in rows]
+            with torch.no_grad():
+                mu, _ = opd.transition(x, m.velocity("policy", ps, cfg.guidance)(x, sig[0]), sig[0], sig[1], cfg.noise_level)
+            return [opd.grpo_loss(mu, traj["means"][rows, 0], traj["states"][rows, 1], traj["stds"][rows, 0], sig[1] - sig[0],
+                                  adv[rows], 1e9, ratio_norm=rn, dt_reweight=False) for rn in (True, False)]
+        first, second = torch.arange(4), torch.arange(4, 8)
+        assert len(mine) == 8
+        (l_rn, r_rn), (l_pl, r_pl) = losses(second)
+        assert (r_rn - 1).abs().max() < 1e-6 and (r_pl - 1).abs().max() < 1e-6
+        assert torch.allclose(l_rn, l_pl, atol=1e-6) and torch.allclose(l_rn, -adv[second], atol=1e-5)
+        s1 = opd.rl_backward(cfg, m, batches, first, 0, 0, 1)
+        opt.step(); opt.zero_grad()
+        s2 = opd.rl_backward(cfg, m, batches, second, 1, 0, 1)
+        (l_rn, r_rn), (l_pl, r_pl) = losses(second)
+    finally:
+        sd3.drop_adapters(m)
+    assert s1["ratio_dev"] < 1e-6 and s1["clipfrac"] == 0
+    assert s2["ratio_dev"] > 1e-5 and s2["clipfrac"] > 0 and s2["approx_kl"] > 0
+    assert (r_rn - 1).abs().max() > 1e-5
+    assert (l_rn - l_pl).abs().max() > 1e-4 * l_rn.abs().max()  # RatioNorm changes the off-policy loss
+
+
+def test_teacher_metrics_log_each_update_and_the_clip_acts(teacher_dir):
+    """The tiny GRPO-Guard teacher (one epoch, two updates): clipfrac and mean |ratio - 1| per update,
+    0 on the on-policy first, above 0 on the second."""
+    rows = [json.loads(l) for l in open(os.path.join(teacher_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2] and "reward_color" in rows[0]
+    assert rows[0]["clipfrac"] == 0 and rows[0]["ratio_dev"] < 1e-6
+    assert rows[1]["clipfrac"] > 0 and rows[1]["ratio_dev"] > 1e-5
 
 
 def test_saved_lora_loads_into_fresh_pipeline(tiny_sd3, tmp_path):
