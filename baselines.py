@@ -19,7 +19,13 @@ The paper's comparisons on opd.py's SD3 code path, a runnable script of its own:
   --loss dance      DanceOPD: the student's ODE trajectory, one low-noise query state per sample
                     (Beta(5, 2) over the states), velocity MSE to the task's teacher
   --loss flow       FlowOPD: the student's SDE rollout; the teacher's log-density of each step the
-                    student took is that step's reward; advantages per step; clipped PPO
+                    student took is that step's reward; advantages per step over the whole
+                    round's batch (all ranks); clipped PPO
+  --loss dmd        DMD (DMD2 without its GAN head): a second trained adapter, the fake score,
+                    learns the student's own samples; the student's clean prediction moves
+                    along (fake - teacher), 5 fake updates per student update
+  --loss tdm        TDM: the same fake score, trained and queried inside a random stage of the
+                    student's sampler (its sampling-steps-aware re-noising), 1:1 updates
   (--loss closed and ppo are opd.py's: the closed form and its PPO-style surrogate)
   --stage compare   all of the above from the same teachers, with the same budget of sampled
                     trajectories as OPD (teachers + distillation), then one table (eval)
@@ -43,16 +49,23 @@ import torch
 import opd
 from machinery import gather, main as cli, say, write_text
 from opd import gaussian_logp, opd_loss, rollout, transition
-from options import arg, one_of
+from options import arg, one_of, text
 
-DISTILL_LOSSES = ("closed", "ppo", "sft", "offpolicy", "dance", "flow")
-ODE_LOSSES = ("sft", "offpolicy", "dance")  # they roll out (or sample) with the ODE
+DISTILL_LOSSES = ("closed", "ppo", "sft", "offpolicy", "dance", "flow", "dmd", "tdm")
+ODE_LOSSES = ("sft", "offpolicy", "dance", "dmd", "tdm")  # they roll out (or sample) with the ODE
+
+
+def _seeds_ok(s):
+    seeds = s.split(",")
+    return all(x.isdigit() for x in seeds) and len(set(map(int, seeds))) == len(seeds)
 
 
 @dataclasses.dataclass
 class Args(opd.Config):
     stage: str = arg("compare", one_of("distill", "joint", "cascade", "compare", "noise"), "stage")
     loss: str = arg("closed", one_of(*DISTILL_LOSSES), "distill: the student's method")
+    seeds: str = arg("", text(True, _seeds_ok, "distinct seeds like 0,1,2"),
+                     "compare / noise: one run per seed into <out>/seed-<s>, then mean and spread")
 
     def relations(self, stage):
         a = self.noise_level
@@ -65,6 +78,8 @@ class Args(opd.Config):
              f"--two_pass applies to --loss closed or ppo, not {self.loss}"),
             (stage == "distill" and self.loss == "flow" and self.batch_size < 2,
              "--loss flow normalises over the batch: --batch_size must be at least 2"),
+            (self.seeds and stage != "distill" and self.stage not in ("compare", "noise"),
+             "--seeds applies to --stage compare or noise"),
             (self.sde_weight != "kl" and self.loss not in ("closed", "ppo"),
              f"--sde_weight applies to --loss closed or ppo, not {self.loss}"),
         ]
@@ -100,6 +115,15 @@ def cascade(cfg, m, tasks, rank, world):
 # Each has distill_trajectory's signature: (student, teacher, x, sigmas, noise_level,
 # train_steps, loss, backward, two_pass, generator, sde_weight) -> (x_N, logged loss); student
 # and teacher are velocity closures v(x, t) with their CFG, one backward(loss) per trained forward.
+def flow_matching_loss(velocity, x0, generator):
+    """The flow-matching loss on clean latents x0 (B, ...), per sample: t ~ U(0, 1), eps fresh,
+    x_t = (1 - t) x0 + t eps, mean (v(x_t, t) - (eps - x0))^2."""
+    t = torch.rand(len(x0), generator=generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = (1 - opd._bcast(t, x0)) * x0 + opd._bcast(t, x0) * eps
+    return (velocity(x_t, t).float() - (eps - x0)).pow(2).flatten(1).mean(1)
+
+
 def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
                    two_pass=False, generator=None, sde_weight="kl"):
     """The paper's SFT: the teacher samples x0 (ODE, its own CFG) from the noise x; the student
@@ -110,13 +134,7 @@ def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, 
     x0 = rollout(teacher, x, sigmas, 0.0)["states"][:, -1]  # (B, C, h, w) the teacher's samples
     logged = 0.0
     for _ in train_steps:
-        t = torch.rand(len(x0), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        tt = t.view(-1, *[1] * (x0.dim() - 1))
-        x_t = (1 - tt) * x0 + tt * eps
-        # flow matching: v(x_t) -> eps - x0
-        l = (student(x_t, t).float() - (eps - x0)).pow(2).flatten(1).mean(1).mean()
-        l = l / len(train_steps)
+        l = flow_matching_loss(student, x0, generator).mean() / len(train_steps)
         logged += float(l.detach())
         backward(l)
     return x0, logged
@@ -170,7 +188,8 @@ def stepwise_advantages(r, world):
     return (r - r_all.mean(0)) / (r_all.std(0) + 1e-4)
 
 
-def flow_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, clip=0.2):
+def flow_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers=None,
+               clip=0.2):
     """FlowOPD, one round (opd.distill_round's signature): per task, the student's SDE rollouts
     (a > 0, no grad) and the reward of each trained step, the teacher's element-mean
     log-density of the step the student took, r_j = log p_T(x_{j+1} | x_j); advantages per step
@@ -210,21 +229,208 @@ def flow_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, clip=0
     return losses
 
 
+# DMD and TDM: a second trained adapter, the fake score (starting at the base, CFG 1), tracks
+# the distribution of the student's own predictions; the student moves along (fake - teacher).
+# Both take the student's one-step clean prediction at a state of its own ODE rollout,
+# x0_hat = x_k - t_k v_S(x_k) (flow matching: x_t = (1 - t) x0 + t eps, v = eps - x0); every
+# model's clean prediction at x_t is x_t - t v(x_t). The teacher is the task's, with its CFG;
+# the student keeps its own CFG (as every student here), so the teacher's guidance is in its
+# guided prediction once (TDM folds it into a CFG-free student's target instead).
+DMD_FAKE_UPDATES = 5      # DMD2's SDXL scripts: 5 fake-score updates per generator update
+DMD_T = (0.02, 0.98)      # DMD2's min/max_step_percent: the re-noising t of the student's loss
+DMD_FAKE = dict(weight_decay=0.01)  # DMD2: AdamW (0.9, 0.999), the generator's lr, clip 10
+TDM_FAKE = dict(betas=(0.0, 0.95), weight_decay=0.01)  # TDM: the fake's lr is 5x the student's
+TDM_STUDENT = dict(betas=(0.0, 0.95), weight_decay=0.01)
+
+
+def x0_of(x_t, v, t):
+    """A velocity's clean prediction at x_t: x0 = x_t - t v, fp32; t a float or (B,)."""
+    return x_t.float() - opd._bcast(t, x_t) * v.float()
+
+
+def dmd_loss(x0_hat, x0_teacher, x0_fake):
+    """DMD's student loss per sample (B,): the reverse-KL direction g = (x0_fake - x0_teacher) /
+    mean|x0_hat - x0_teacher| (per sample, no grad, nan_to_num as DMD2) through
+    1/2 mean (x0_hat - sg(x0_hat - g))^2, whose gradient in x0_hat is g / D."""
+    with torch.no_grad():
+        w = (x0_hat - x0_teacher).abs().flatten(1).mean(1)
+        g = torch.nan_to_num((x0_fake - x0_teacher) / opd._bcast(w, x0_hat))
+    return 0.5 * (x0_hat - (x0_hat.detach() - g)).pow(2).flatten(1).mean(1)
+
+
+def tdm_loss(x0_hat, x0_teacher, x0_fake):
+    """TDM's student loss per sample (B,): target x0_hat + (x0_teacher - x0_fake) (no grad),
+    mean (x0_hat - target)^2 / mean|x0_hat - x0_teacher| (per sample, no grad; the demo's MSE
+    form, without its optional pseudo-Huber)."""
+    with torch.no_grad():
+        w = (x0_hat - x0_teacher).abs().flatten(1).mean(1)
+        target = x0_hat + (x0_teacher - x0_fake)
+    return (x0_hat - target).pow(2).flatten(1).mean(1) / w
+
+
+def tdm_renoise(x0_hat, eps_hat, t_k, s, generator):
+    """TDM's sampling-steps-aware re-noising of stage k (t_k -> s = t_{k+1}), per sample, in
+    flow matching (TDM's alpha_t -> 1 - t, sigma_t -> t): the student's deterministic jump to
+    the stage's end, x_s = (1 - s) x0_hat + s eps_hat, then the forward process from s to
+    t' ~ U(max(s, 0.02), t_k): x' = (1 - t') / (1 - s) x_s + beta z, z ~ N(0, I),
+    beta^2 = t'^2 - ((1 - t') s / (1 - s))^2, so x' = (1 - t') x0_hat + t' eps_mix with
+    eps_mix = ((1 - t') s / (1 - s) eps_hat + beta z) / t'. t_k, s: (B,). Returns
+    (x', t', eps_mix, z)."""
+    lo = s.clamp(min=0.02)
+    t = lo + (t_k - lo) * torch.rand(len(s), generator=generator).to(s.device)
+    z = torch.randn(x0_hat.shape, generator=generator).to(x0_hat.device)
+    c = lambda u: opd._bcast(u, x0_hat)
+    x_s = (1 - c(s)) * x0_hat + c(s) * eps_hat
+    a = (1 - t) / (1 - s)
+    beta = (t**2 - (a * s) ** 2).clamp(min=0).sqrt()
+    x = c(a) * x_s + c(beta) * z
+    return x, t, (c(a * s) * eps_hat + c(beta) * z) / c(t), z
+
+
+def tdm_fake_loss(x0_fake, x0_hat, t, eps_mix, z):
+    """TDM's fake-score loss per sample (B,): mean (x0_fake - x0_hat)^2 x min(SNR, 5), SNR =
+    ((1 - t) / t)^2, x the demo's importance weight exp(-mean(eps_mix^2) / 2) /
+    exp(-mean(z^2) / 2)."""
+    snr = ((1 - t) / t) ** 2
+    w_is = torch.exp(-0.5 * eps_mix.pow(2).flatten(1).mean(1) + 0.5 * z.pow(2).flatten(1).mean(1))
+    return (x0_fake - x0_hat).pow(2).flatten(1).mean(1) * snr.clamp(max=5) * w_is
+
+
+def student_states(cfg, m, tasks, step, rank, world, draws):
+    """The round's student rollouts (ODE, its CFG, no grad), per task and micro-batch, as deep as
+    the deepest of the draws: draws(n, g) -> [(n,) step indices]. Returns [(task, prompts, share
+    of the rank's batch, states (n, k+1, ...), [indices], generator)]."""
+    sigmas, b, out = opd.sd3_sigmas(cfg.num_steps), cfg.batch_size // world, []
+    for i, task in enumerate(tasks):
+        mine = opd.draw_prompts(cfg, task, step, i, cfg.batch_size)[rank * b:(rank + 1) * b]
+        g = opd.rng(cfg.seed, step, 1, i, rank)
+        for s in opd.chunks(b, cfg.micro_batch):
+            ps, ks = mine[s], draws(len(mine[s]), g)
+            deepest = max(int(k.max()) for k in ks)
+            states = rollout(m.velocity("student", ps, cfg.guidance), m.noise(len(ps), g),
+                             sigmas[:deepest + 1], 0.0)["states"]
+            out.append((task, ps, len(ps) / b, states, ks, g))
+    return out
+
+
+def student_loss(m, ps, x0_hat, x, t, teacher, teacher_cfg, loss_fn, share):
+    """DMD's or TDM's student loss at the re-noised x (time t): the teacher's (its CFG) and the
+    fake's (CFG 1) clean predictions there, no grad; loss_fn(x0_hat, x0_teacher, x0_fake)'s
+    batch mean, backpropagated x share into the student. Returns the loss."""
+    with torch.no_grad():
+        x0_t = x0_of(x, m.velocity(teacher, ps, teacher_cfg)(x, t), t)
+        x0_f = x0_of(x, m.velocity("fake", ps, 1.0)(x, t), t)
+    loss = loss_fn(x0_hat, x0_t, x0_f).mean()
+    m.use("student")
+    (loss * share).backward()
+    return float(loss.detach())
+
+
+def _update_fake(cfg, m, fake, loss_of, batch, clip, rank, world):
+    """One optimizer step of the fake adapter on sum over the batch of loss_of(entry) x share
+    (entry[2]), gradients averaged over the ranks."""
+    params, opt = fake
+    student, m.trainable = m.trainable, params  # only the fake's weights require grad here
+    opt.zero_grad(set_to_none=True)
+    for entry in batch:
+        loss = loss_of(entry)
+        m.use("fake")  # gradient checkpointing recomputes with the active adapter
+        (loss * entry[2]).backward()
+    opd.optimizer_step(dataclasses.replace(cfg, grad_clip=clip), opt, params, 0, rank, world)
+    m.trainable = student
+
+
+def dmd_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers):
+    """DMD (DMD2 without its GAN head, which needs real images), one round: one sampler step k
+    for the round (DMD2's backward simulation: k steps of the student from noise), the
+    student's x0_hat there (with grad); re-noised x_t = (1 - t) sg(x0_hat) + t eps, t ~
+    U(0.02, 0.98); the student's loss dmd_loss with the teacher's and the fake's clean
+    predictions at x_t. Then DMD_FAKE_UPDATES updates of the fake adapter, each the flow-matching
+    loss on the round's sg(x0_hat) at fresh t ~ U(0, 1) (DMD2 gives each fake update fresh
+    generator samples; here they share the round's, so every method samples the same number of
+    trajectories a round). Student and fake share the lr; the fake's clip is DMD2's 10."""
+    sigmas, n = opd.sd3_sigmas(cfg.num_steps), opd.parse_steps(cfg.train_steps, cfg.num_steps)
+    k = n[int(torch.randint(len(n), (1,), generator=opd.rng(cfg.seed, step, 4)))]
+    batch = student_states(cfg, m, tasks, step, rank, world,
+                           lambda b, g: [torch.full((b,), k, dtype=torch.long)])
+    losses, made = {}, []
+    for task, ps, share, states, _, g in batch:
+        x_k, t_k = states[:, k], sigmas[k]
+        x0_hat = x0_of(x_k, m.velocity("student", ps, cfg.guidance)(x_k, t_k), t_k)
+        t = DMD_T[0] + (DMD_T[1] - DMD_T[0]) * torch.rand(len(ps), generator=g).to(x_k.device)
+        eps = torch.randn(x_k.shape, generator=g).to(x_k.device)
+        x_t = (1 - opd._bcast(t, x_k)) * x0_hat.detach() + opd._bcast(t, x_k) * eps
+        loss = student_loss(m, ps, x0_hat, x_t, t, teacher_of(task), guidance_of[task.name],
+                            dmd_loss, share)
+        losses[task.name] = losses.get(task.name, 0.0) + loss * share
+        made.append((ps, x0_hat.detach(), share, g))
+    for _ in range(DMD_FAKE_UPDATES):
+        _update_fake(cfg, m, helpers["fake"], lambda e: flow_matching_loss(
+            m.velocity("fake", e[0], 1.0), e[1], e[3]).mean(), made, 10.0, rank, world)
+    return losses
+
+
+def tdm_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers):
+    """TDM, one round: per sample a random stage k of the student's sampler (its train steps,
+    uniform), drawn apart for the fake's update and the student's loss, both on the round's
+    ODE rollouts. First one update of the fake adapter (TDM steps it first): tdm_fake_loss at
+    the student's re-noised prediction (tdm_renoise, no grad). Then the student's loss tdm_loss
+    at a freshly re-noised x' with the teacher's (guided) and the fake's clean predictions. The
+    fake's AdamW lr is 5x the student's (TDM: student lr = fake lr / 5), betas (0, 0.95) for
+    both, no clip for the fake."""
+    sigmas, n = opd.sd3_sigmas(cfg.num_steps), opd.parse_steps(cfg.train_steps, cfg.num_steps)
+    steps = torch.tensor(n)
+    draw = lambda b, g: [steps[torch.randint(len(n), (b,), generator=g)] for _ in range(2)]
+    batch = student_states(cfg, m, tasks, step, rank, world, draw)
+    sig = sigmas.to(m.device)
+
+    def prediction(ps, states, k, grad):  # x0_hat and eps_hat of the student at x_k, per sample
+        x_k, t_k = states[torch.arange(len(ps)), k], sig[k]
+        with torch.set_grad_enabled(grad):
+            v = m.velocity("student", ps, cfg.guidance)(x_k, t_k)
+        return x0_of(x_k, v, t_k), x_k.float() + opd._bcast(1 - t_k, x_k) * v.float().detach()
+
+    def fake_loss(entry):
+        _, ps, _, states, (k, _), g = entry
+        with torch.no_grad():
+            x0_hat, eps_hat = prediction(ps, states, k, False)
+            x, t, eps_mix, z = tdm_renoise(x0_hat, eps_hat, sig[k], sig[k + 1], g)
+        x0_f = x0_of(x, m.velocity("fake", ps, 1.0)(x, t), t)
+        return tdm_fake_loss(x0_f, x0_hat, t, eps_mix, z).mean()
+    _update_fake(cfg, m, helpers["fake"], fake_loss, batch, math.inf, rank, world)
+    losses = {}
+    for task, ps, share, states, (_, k), g in batch:
+        x0_hat, eps_hat = prediction(ps, states, k, True)
+        with torch.no_grad():
+            x, t, _, _ = tdm_renoise(x0_hat.detach(), eps_hat, sig[k], sig[k + 1], g)
+        loss = student_loss(m, ps, x0_hat, x, t, teacher_of(task), guidance_of[task.name],
+                            tdm_loss, share)
+        losses[task.name] = losses.get(task.name, 0.0) + loss * share
+    return losses
+
+
 TRAJECTORIES = {"closed": None, "ppo": None, "sft": sft_trajectory,
                 "offpolicy": offpolicy_trajectory, "dance": dance_trajectory}
-ROUNDS = {"flow": flow_round}  # whole-round methods; the others plug a trajectory into opd's
+ROUNDS = {"flow": flow_round, "dmd": dmd_round, "tdm": tdm_round}  # whole-round methods; the
+# others plug a trajectory into opd.distill_round
+
+
+def helpers_of(cfg):
+    """The extra trained adapters of a method and their AdamW settings (opd.start_training)."""
+    return {"dmd": {"fake": DMD_FAKE},
+            "tdm": {"fake": {**TDM_FAKE, "lr": 5 * cfg.lr}, "student": TDM_STUDENT}}.get(cfg.loss)
 
 
 def student(cfg, m, tasks, dirs, rank, world, name=None):
     c = opd.resolve(cfg, "distill")
     round_fn = ROUNDS.get(c.loss) or functools.partial(opd.distill_round,
                                                        trajectory=TRAJECTORIES[c.loss])
-    return opd.distill(c, m, tasks, dirs, rank, world, name, round_fn)
+    return opd.distill(c, m, tasks, dirs, rank, world, name, round_fn, helpers_of(c))
 
 
 # ------------------------------------------------------------------------------ the comparison
 DISTILL_BASELINES = [("sft", 0.0), ("offpolicy", 0.0), ("ppo", 0.7), ("dance", 0.0),
-                     ("flow", 0.7)]  # (--loss, rollout noise a)
+                     ("flow", 0.7), ("dmd", 0.0), ("tdm", 0.0)]  # (--loss, rollout noise a)
 
 
 def budget_steps(cfg, algo):
@@ -307,13 +513,13 @@ def rounds_to(rounds, gain):
                      if gain[-1] > 0 else None) for f in FRACTIONS}
 
 
-def noise(cfg, m, tasks, rank, world):
+def noise(cfg, m, tasks, rank, world, dirs=None):
     """OPD from the run's teachers with rollouts at a = 0, 0.3 and 0.7, the SDE ones with both
     step weights (--sde_weight kl and sigma), same seeds; held-out metrics every eval_every
     rounds (default: every 2 rounds); writes noise.json (curves, rounds to 50 / 75 / 90% of the
-    final gain) and noise.png."""
+    final gain) and noise.png. dirs: the teachers (default --teachers or <out>/teacher-*)."""
     names = [t.name for t in tasks]
-    dirs = opd.teacher_dirs(cfg, names)
+    dirs = dirs or opd.teacher_dirs(cfg, names)
     d = opd.resolve(cfg, "distill")
     every = cfg.eval_every or 2
     for a, weight in NOISE_RUNS:
@@ -359,6 +565,70 @@ def noise_figure(path, res, names):
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------------------ seeds
+def spread(xs):
+    """mean, sample standard deviation (0 for one value) and the values."""
+    mean = sum(xs) / len(xs)
+    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "values": xs}
+
+
+def compare_seeds(out, seeds, tasks):
+    """Over the seeds' eval.json (avg normalised within each seed's table; train time of the
+    whole method): every model's mean and spread, and OPD's paired difference to every other
+    model (per seed: OPD minus it; a difference whose sign is the same in every seed and whose
+    mean exceeds its sd is marked). Writes seeds.json and seeds.md."""
+    tables = [json.load(open(os.path.join(out, f"seed-{s}", "eval.json"))) for s in seeds]
+    models = [n for n in tables[0] if all(n in t for t in tables)]
+    cols = [*tasks, "avg"]
+    per = [{n: {**{k: t[n][k] for k in tasks}, "avg": opd.normalised_mean(t, tasks)[n],
+                "seconds": opd.method_seconds(t)[n]} for n in models} for t in tables]
+    summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds"]} for n in models}
+    paired = {n: {k: spread([p["student"][k] - p[n][k] for p in per]) for k in cols}
+              for n in models if n != "student"}
+    clear = lambda d: abs(d["mean"]) > d["sd"] and len({x > 0 for x in d["values"]}) == 1 \
+        and all(x != 0 for x in d["values"])
+    f = lambda d, p=3: f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
+    lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
+             "| model | " + " | ".join(cols) + " | train time |", "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {n} | " + " | ".join(f(summary[n][k]) for k in cols) +
+              f" | {f(summary[n]['seconds'], 0)} s |" for n in models]
+    lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
+              "and |mean| > sd):", "", "| OPD minus | " + " | ".join(cols) + " |",
+              "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f(d[k]) + (" *" if clear(d[k]) else "") for k in cols) + " |"
+              for n, d in paired.items()]
+    md = "\n".join(lines) + "\n"
+    write_text(os.path.join(out, "seeds.json"), json.dumps(
+        {"seeds": seeds, "models": summary, "opd_minus": paired}, indent=1))
+    write_text(os.path.join(out, "seeds.md"), md)
+    print(md, flush=True)
+
+
+def noise_seeds(out, seeds):
+    """Over the seeds' noise.json: per run, mean and spread of the rounds to 50 / 75 / 90% of
+    the final gain (over the seeds where it was reached) and of the final gain."""
+    res = [json.load(open(os.path.join(out, f"seed-{s}", "noise.json"))) for s in seeds]
+    summary = {}
+    lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
+             "| run | final mean gain | rounds to 50% | 75% | 90% |", "|---|---|---|---|---|"]
+    for label in res[0]["levels"]:
+        runs = [r["levels"][label] for r in res]
+        gain = spread([r["mean_gain"][-1] for r in runs])
+        reach = {f: [r["rounds_to"][f] for r in runs] for f in runs[0]["rounds_to"]}
+        reach = {f: spread([x for x in v if x is not None]) if any(x is not None for x in v)
+                 else None for f, v in reach.items()}
+        summary[label] = {"final_mean_gain": gain, "rounds_to": reach}
+        cell = lambda d: f"{d['mean']:.1f} ± {d['sd']:.1f} (n {len(d['values'])})" if d else "-"
+        lines.append(f"| {label} | {gain['mean']:+.3f} ± {gain['sd']:.3f} | " +
+                     " | ".join(cell(d) for d in reach.values()) + " |")
+    md = "\n".join(lines) + "\n"
+    write_text(os.path.join(out, "seeds.json"), json.dumps({"seeds": seeds, "runs": summary},
+                                                            indent=1))
+    write_text(os.path.join(out, "seeds.md"), md)
+    print(md, flush=True)
+
+
 # ------------------------------------------------------------------------------ main
 def run(cfg):
     stages = {"compare": ["teacher", "distill", "eval"], "noise": ["distill", "eval"],
@@ -370,7 +640,16 @@ def run(cfg):
     if cfg.stage == "distill":
         return student(cfg, m, tasks, opd.teacher_dirs(cfg, [t.name for t in tasks]), rank, world)
     stage = {"joint": joint, "cascade": cascade, "compare": compare, "noise": noise}[cfg.stage]
-    return stage(cfg, m, tasks, rank, world)
+    if not cfg.seeds:
+        return stage(cfg, m, tasks, rank, world)
+    seeds, names = [int(s) for s in cfg.seeds.split(",")], [t.name for t in tasks]
+    for s in seeds:  # noise: the run's teachers for every seed (only OPD's seed varies)
+        c = dataclasses.replace(cfg, seed=s, out=os.path.join(cfg.out, f"seed-{s}"))
+        extra = {"dirs": opd.teacher_dirs(cfg, names)} if cfg.stage == "noise" else {}
+        stage(c, m, tasks, rank, world, **extra)
+    if rank == 0:
+        compare_seeds(cfg.out, seeds, names) if cfg.stage == "compare" else \
+            noise_seeds(cfg.out, seeds)
 
 
 def main(argv=None):

@@ -430,11 +430,13 @@ def distill_trajectory(student, teacher, x, sigmas, noise_level, train_steps, lo
     return x_final, (total if backward is None else logged)
 
 
-def distill_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, trajectory=None):
+def distill_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers=None,
+                  trajectory=None):
     """Gradients of one round: for each task, its prompts, the student's rollouts from its own
     noise, each state supervised by that task's teacher (teacher_of(task) -> adapter name, with
     CFG guidance_of[task name]); the M tasks accumulate into one gradient (G = M). trajectory:
-    distill_trajectory, or a baseline's function of the same signature. Returns {task: loss}."""
+    distill_trajectory, or a baseline's function of the same signature. helpers: unused here
+    (a baseline's own trained adapters). Returns {task: loss}."""
     trajectory = trajectory or distill_trajectory
     sigmas, train_steps = sd3_sigmas(cfg.num_steps), parse_steps(cfg.train_steps, cfg.num_steps)
     b, losses = cfg.batch_size // world, {}
@@ -456,10 +458,11 @@ def distill_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, tra
     return losses
 
 
-def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None):
+def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None, helpers=None):
     """Stage 2 into <out>/<name> (student, or student-<loss>): the M teachers as adapters, the
-    student a new one; rounds of distill_round (or a baseline's round_fn of its signature but
-    the last), each one optimizer step, EMA, log, checkpoint.
+    student a new one; rounds of distill_round (or a baseline's round_fn of its signature),
+    each one optimizer step of the student, EMA, log, checkpoint. helpers: {adapter: AdamW
+    settings} of more trained adapters a baseline's round updates itself (start_training).
     With --eval_every the EMA student's held-out metrics every so many rounds go to
     metrics.jsonl (not timed)."""
     name = name or ("student" if cfg.loss == "closed" else f"student-{cfg.loss}")
@@ -472,7 +475,8 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None):
     given = parse_pairs(cfg.teacher_guidance)  # else the CFG each teacher trained with
     guidance = {k: float(given.get(k, run_info(d, "guidance", cfg.guidance)))
                 for k, d in teacher_dirs.items()}
-    params, opt, ema, start, elapsed = start_training(cfg, m, run_dir, "student", mode, rank)
+    params, opt, ema, start, elapsed, made = start_training(cfg, m, run_dir, "student", mode,
+                                                            rank, helpers=helpers)
     log, bad, b = logger(run_dir, rank), 0, cfg.batch_size // world
     mine = lambda s, i, t: draw_prompts(cfg, t, s, i, cfg.batch_size)[rank * b:(rank + 1) * b]
     prompts_of = lambda s: [p for i, t in enumerate(tasks) for p in mine(s, i, t)]
@@ -484,7 +488,7 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None):
         t0 = time.perf_counter()
         encode_ahead(cfg, m, step, prompts_of)
         losses = (round_fn or distill_round)(cfg, m, tasks, step, rank, world,
-                                             lambda t: f"teacher-{t.name}", guidance)
+                                             lambda t: f"teacher-{t.name}", guidance, made)
         gnorm, bad = optimizer_step(cfg, opt, params, bad, rank, world)
         ema.step(step + 1)
         seconds = time.perf_counter() - t0
@@ -492,11 +496,15 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None):
         log(step=step + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=gnorm,
             elapsed=round(elapsed, 3), time_round=round(seconds, 4))
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(run_dir, step + 1, m.tr, ["student"], [opt], [ema], cfg,
+            save_checkpoint(run_dir, step + 1, m.tr, ["student", *made],
+                            [opt, *(o for _, o in made.values())],
+                            [ema, *(EMA(p, 0.0, 1) for p, _ in made.values())], cfg,
                             elapsed=elapsed)
     if cfg.eval_every:
         with ema.applied():
             log(step=cfg.steps, elapsed=round(elapsed, 3), held_out=held())
+    for helper, (p, _) in made.items():  # a baseline's own adapters are averaged over ranks too
+        check_in_sync(p, world, rank, f"{name} {helper}")
     return finish_run(run_dir, cfg, m, "student", ema, rank, world, elapsed,
                       cfg.steps * len(tasks) * cfg.batch_size)
 
@@ -612,7 +620,7 @@ def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
     if cfg.algo == "nft":  # the sampling policy: a second adapter that follows the trained one
         add_lora(m.tr, "old", cfg)
         old = [p for n, p in m.tr.named_parameters() if ".old." in n]
-    params, opt, ema, start, elapsed = start_training(cfg, m, run_dir, "policy", mode, rank, old)
+    params, opt, ema, start, elapsed, _ = start_training(cfg, m, run_dir, "policy", mode, rank, old)
     log, bad, K, b = logger(run_dir, rank), 0, cfg.updates_per_epoch, cfg.batch_size // world
     prompts_of = lambda s: [p for i, t in enumerate(schedule(s)) for p in
                             draw_prompts(cfg, t, s, i, K * cfg.batch_size // cfg.group_size)]
@@ -644,20 +652,29 @@ def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
 # ---------------------------------------------------------------------------------------------
 # training runs: what stage 1 and stage 2 share
 # ---------------------------------------------------------------------------------------------
-def start_training(cfg, m, run_dir, name, mode, rank, aux=()):
-    """A new trained adapter `name` (fp32), its AdamW and EMA, restored from the latest
-    checkpoint when resuming. Returns (params, optimizer, ema, first step, seconds so far)."""
+def start_training(cfg, m, run_dir, name, mode, rank, aux=(), helpers=None):
+    """A new trained adapter `name` (fp32), its AdamW and EMA; helpers: {adapter: AdamW
+    settings} of more trained adapters a baseline needs (DMD's fake score), each starting at the
+    base, with no EMA. All restored from the latest checkpoint when resuming. Returns (params,
+    optimizer, ema, first step, seconds so far, {helper: (params, optimizer)}); `name` is left
+    the trainable adapter."""
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-    params = m.trainable = add_lora(m.tr, name, cfg)
-    m.active = name
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                            eps=1e-8)
-    ema, start, elapsed = EMA(params, cfg.ema, cfg.ema_every), 0, 0.0
+    adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    helpers = helpers or {}  # may also set the AdamW of `name` itself (TDM's betas)
+    names, opts, emas, made = [name, *(n for n in helpers if n != name)], [], [], {}
+    for n in names:
+        p = add_lora(m.tr, n, cfg)
+        opts.append(torch.optim.AdamW(p, **{**adamw, **helpers.get(n, {})}))
+        emas.append(EMA(p, cfg.ema, cfg.ema_every) if n == name else EMA(p, 0.0, 1))
+        made[n] = (p, opts[-1])
+    params, opt = made.pop(name)
+    m.trainable, m.active = params, "?"  # the next m.use sets which weights require grad
+    start, elapsed = 0, 0.0
     if mode == "resume":
-        start, elapsed = load_checkpoint(run_dir, m.tr, [name], [opt], [ema], cfg, aux)
+        start, elapsed = load_checkpoint(run_dir, m.tr, names, opts, emas, cfg, aux)
         say(rank, f"resumed {run_dir} at step {start}")
-    return params, opt, ema, start, elapsed
+    return params, opt, emas[0], start, elapsed, made
 
 
 def optimizer_step(cfg, opt, params, bad, rank, world):

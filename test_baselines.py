@@ -57,7 +57,8 @@ def test_compare_runs_every_method_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.load(open(os.path.join(out, "eval.json")))
     rows = ["base", "teacher-color", "teacher-jpeg", "joint-grpo_guard", "joint-nft", "cascade-nft", "student",
-            "student-dance", "student-flow", "student-offpolicy", "student-ppo", "student-sft"]
+            "student-dance", "student-dmd", "student-flow", "student-offpolicy", "student-ppo", "student-sft",
+            "student-tdm"]
     assert list(table) == rows and all({"color", "jpeg", "seconds"} <= set(v) for v in table.values())
     assert all(table[k]["seconds"] > 0 for k in rows[1:])
     md = open(os.path.join(out, "eval.md")).read()
@@ -83,11 +84,20 @@ def test_compare_runs_every_method_tiny(tmp_path):
 
 
 def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
-    out = str(tmp_path / "noise")
+    """--stage noise --seeds 0,1: every run per seed (both SDE weights), its curves, and the
+    seeds' summary of rounds to 50 / 75 / 90% of the final gain."""
+    top = str(tmp_path / "noise")
     r = run("--stage", "noise", "--tasks", "color", "--teachers", f"color={teacher_dir}", "--steps", "2",
             "--batch_size", "4", "--num_steps", "3", "--eval_every", "1", "--eval_steps", "3", "--eval_prompts", "1",
-            "--eval_seeds", "1", "--out", out, script="baselines.py")
+            "--eval_seeds", "1", "--seeds", "0,1", "--out", top, script="baselines.py")
     assert r.returncode == 0, r.stderr[-2000:]
+    out = os.path.join(top, "seed-1")
+    assert json.load(open(os.path.join(out, "noise", "student-a0.0", "config.json")))["seed"] == 1
+    summary = json.load(open(os.path.join(top, "seeds.json")))
+    assert summary["seeds"] == [0, 1] and set(summary["runs"]) == {"a0.0", "a0.3", "a0.7", "a0.3-sigma", "a0.7-sigma"}
+    gains = [json.load(open(os.path.join(top, f"seed-{s}", "noise.json")))["levels"]["a0.0"]["mean_gain"][-1] for s in (0, 1)]
+    assert summary["runs"]["a0.0"]["final_mean_gain"]["mean"] == pytest.approx(sum(gains) / 2)
+    assert "rounds to 50%" in open(os.path.join(top, "seeds.md")).read()
     res = json.load(open(os.path.join(out, "noise.json")))
     assert set(res["levels"]) == {"a0.0", "a0.3", "a0.7", "a0.3-sigma", "a0.7-sigma"}
     assert all(v["rounds"] == [0, 1, 2] and set(v["rounds_to"]) == {"0.5", "0.75", "0.9"} for v in res["levels"].values())
@@ -95,6 +105,31 @@ def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
     c = json.load(open(os.path.join(out, "noise", "student-a0.7-sigma", "config.json")))
     assert (c["noise_level"], c["sde_weight"]) == (0.7, "sigma")
     tiny.tiny_pipeline().load_lora_weights(os.path.join(out, "noise", "student-a0.7-sigma"), adapter_name="s")
+
+
+def test_compare_seeds_summary_by_hand(tmp_path):
+    """Mean, sample sd and OPD's paired differences over seeds' tables, against a hand computation
+    on made-up tables; a difference with the same sign in every seed and |mean| > sd is starred."""
+    tables = [{"base": {"a": 0.0, "seconds": 0}, "teacher-a": {"a": 1.0, "seconds": 10},
+               "student": {"a": 0.9, "seconds": 5}, "joint-x": {"a": 0.5, "seconds": 30}},
+              {"base": {"a": 0.0, "seconds": 0}, "teacher-a": {"a": 1.0, "seconds": 12},
+               "student": {"a": 0.7, "seconds": 7}, "joint-x": {"a": 0.8, "seconds": 20}},
+              {"base": {"a": 0.0, "seconds": 0}, "teacher-a": {"a": 1.0, "seconds": 11},
+               "student": {"a": 0.8, "seconds": 6}, "joint-x": {"a": 0.6, "seconds": 25}}]
+    for s, t in enumerate(tables):
+        os.makedirs(tmp_path / f"seed-{s}")
+        (tmp_path / f"seed-{s}" / "eval.json").write_text(json.dumps(t))
+    baselines.compare_seeds(str(tmp_path), [0, 1, 2], ["a"])
+    res = json.load(open(tmp_path / "seeds.json"))
+    st = res["models"]["student"]
+    assert st["a"]["mean"] == pytest.approx(0.8) and st["a"]["sd"] == pytest.approx(0.1)
+    assert st["seconds"]["values"] == [15, 19, 17]  # a student's time includes its teachers'
+    d = res["opd_minus"]["joint-x"]["a"]  # 0.4, -0.1, 0.2
+    assert d["values"] == pytest.approx([0.4, -0.1, 0.2]) and d["mean"] == pytest.approx(0.5 / 3)
+    assert d["sd"] == pytest.approx(((0.4 - 0.5 / 3) ** 2 + (-0.1 - 0.5 / 3) ** 2 + (0.2 - 0.5 / 3) ** 2) ** 0.5 / 2 ** 0.5)
+    md = open(tmp_path / "seeds.md").read()
+    assert "| joint-x | 0.167 ± 0.252 |" in md  # signs differ: no star
+    assert "| base | 0.800 ± 0.100 * |" in md  # 0.9, 0.7, 0.8 above the base in every seed
 
 
 def _linear(w):
@@ -239,6 +274,97 @@ def test_flow_round_normalises_over_the_round_not_the_micro_batch(tiny_sd3):
         assert torch.allclose(grad, hand, rtol=1e-4, atol=1e-7)
 
 
+def _predictions(loss_fn, seed, B=3, D=12):
+    """x0_hat (with its gradient from loss_fn's sum), x0_teacher, x0_fake, loss_fn's value and the
+    per-sample normaliser mean|x0_hat - x0_teacher|, on random float64 tensors."""
+    g_ = torch.Generator().manual_seed(seed)
+    x0_hat, x0_t, x0_f = (torch.randn(B, D, generator=g_, dtype=torch.float64) for _ in range(3))
+    x0_hat.requires_grad_(True)
+    loss = loss_fn(x0_hat, x0_t, x0_f)
+    loss.sum().backward()
+    return x0_hat, x0_t, x0_f, loss, (x0_hat.detach() - x0_t).abs().mean(1, keepdim=True)
+
+
+def test_dmd_loss_gradient_is_the_normalised_fake_minus_teacher_direction():
+    """d/dx0_hat of dmd_loss = g / D with g = (x0_fake - x0_teacher) / mean|x0_hat - x0_teacher| per
+    sample (DMD2's normaliser), and the loss value 1/2 mean g^2, by hand on small tensors."""
+    x0_hat, x0_t, x0_f, loss, w = _predictions(baselines.dmd_loss, 0)
+    D = x0_hat.shape[1]
+    g = (x0_f - x0_t) / w
+    assert torch.allclose(x0_hat.grad, g / D) and torch.allclose(loss.detach(), 0.5 * g.pow(2).mean(1))
+
+
+def test_tdm_loss_and_fake_loss_by_hand():
+    x0_hat, x0_t, x0_f, loss, w = _predictions(baselines.tdm_loss, 1)
+    (B, D), g_ = x0_hat.shape, torch.Generator().manual_seed(1)
+    # target = x0_hat + (x0_t - x0_f): loss = mean (x0_t - x0_f)^2 / w, gradient -2 (x0_t - x0_f) / (D w)
+    assert torch.allclose(loss.detach(), (x0_t - x0_f).pow(2).mean(1) / w[:, 0])
+    assert torch.allclose(x0_hat.grad, -2 * (x0_t - x0_f) / (D * w))
+    t = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    eps_mix, z = (torch.randn(B, D, generator=g_, dtype=torch.float64) for _ in range(2))
+    snr = ((1 - t) / t) ** 2  # 0.0123, 1, 81 -> min(., 5)
+    want = (x0_f - x0_hat.detach()).pow(2).mean(1) * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) \
+        * torch.exp(-0.5 * eps_mix.pow(2).mean(1)) / torch.exp(-0.5 * z.pow(2).mean(1))
+    assert torch.allclose(baselines.tdm_fake_loss(x0_f, x0_hat.detach(), t, eps_mix, z), want)
+
+
+def test_tdm_renoise_stays_in_the_stage_and_on_the_forward_marginal():
+    """t' in [max(s, 0.02), t_k]; x' = (1 - t') x0_hat + t' eps_mix exactly; with eps_hat ~ N(0, I)
+    eps_mix is N(0, I) (Monte Carlo, mean and variance within 5 standard errors), i.e. x' is the
+    forward process's sample at t' around x0_hat."""
+    g = torch.Generator().manual_seed(2)
+    n, D = 4000, 64
+    sig = opd.sd3_sigmas(10)
+    k = torch.randint(9, (n,), generator=g)
+    x0_hat, eps_hat = torch.randn(n, D, generator=g) * 0.5, torch.randn(n, D, generator=g)
+    x, t, eps_mix, z = baselines.tdm_renoise(x0_hat, eps_hat, sig[k], sig[k + 1], g)
+    assert (t >= sig[k + 1].clamp(min=0.02) - 1e-7).all() and (t <= sig[k] + 1e-7).all()
+    assert torch.allclose(x, (1 - t[:, None]) * x0_hat + t[:, None] * eps_mix, atol=1e-5)
+    e = eps_mix.flatten()
+    assert abs(e.mean()) < 5 / len(e) ** 0.5 and abs(e.var() - 1) < 5 * (2 / len(e)) ** 0.5
+    assert z.shape == x.shape
+
+
+@pytest.mark.parametrize("loss", ["dmd", "tdm"])
+def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, loss):
+    """Gradient hooks on the fake and teacher adapters: the teacher's never fire; the fake's only
+    inside the fake's own update; the student gets a non-zero gradient; the fake's weights move."""
+    m, _ = tiny_sd3
+    cfg = opd.resolve(opd.parse_config(["--stage", "distill", "--loss", loss, "--num_steps", "3", "--batch_size", "2"],
+                                       baselines.Args), "distill")
+    sd3.add_lora(m.tr, "teacher-x", cfg); randomise(m.tr, "teacher-x", 1)
+    fake = sd3.add_lora(m.tr, "fake", cfg)
+    student = m.trainable = sd3.add_lora(m.tr, "student", cfg); randomise(m.tr, "student", 2)
+    m.active = "?"
+    phase, leaks, before = ["student"], [], [p.detach().clone() for p in fake]
+    named = [(n, p) for n, p in m.tr.named_parameters() if ".teacher-x." in n or ".fake." in n]
+    hooks = [p.register_hook(lambda g, n=n: leaks.append(n) if "teacher" in n or phase[0] != "fake" else None)
+             for n, p in named]
+    inner = baselines._update_fake
+
+    def update_fake(*a, **k):
+        phase[0] = "fake"
+        try:
+            return inner(*a, **k)
+        finally:
+            phase[0] = "student"
+    monkeypatch.setattr(baselines, "_update_fake", update_fake)
+    monkeypatch.setattr(baselines, "DMD_FAKE_UPDATES", 1)
+    try:
+        task = prompts.Task("color", FLOW_PROMPTS, [], None)
+        round_fn = baselines.ROUNDS[loss]
+        round_fn(cfg, m, [task], 0, 0, 1, lambda t: "teacher-x", {"color": 4.5},
+                 {"fake": (fake, torch.optim.AdamW(fake, lr=1e-2))})
+        grads = [p.grad for p in student]
+        moved = max((p.detach() - q).abs().max().item() for p, q in zip(fake, before))
+    finally:
+        for h in hooks:
+            h.remove()
+        sd3.drop_adapters(m)
+    assert leaks == [] and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert moved > 0
+
+
 def test_every_distillation_baseline_runs_and_its_lora_loads(tmp_path, teacher_dir):
     """Each --loss from the command line, tiny; diffusers' load_lora_weights loads its LoRA."""
     pipe = tiny.tiny_pipeline()
@@ -248,4 +374,4 @@ def test_every_distillation_baseline_runs_and_its_lora_loads(tmp_path, teacher_d
                "--teachers", f"color={teacher_dir}", "--steps", "2", "--batch_size", "4",
                "--num_steps", "3", "--out", out, script="baselines.py"))
         pipe.load_lora_weights(os.path.join(out, f"student-{loss}"), adapter_name=loss)
-    assert set(baselines.DISTILL_BASELINES) and len(pipe.get_list_adapters()["transformer"]) == 5
+    assert len(pipe.get_list_adapters()["transformer"]) == len(baselines.DISTILL_BASELINES) == 7

@@ -30,7 +30,7 @@ def _main(args, capsys, monkeypatch, script=opd):
 
 # texts whose domain is a check function: values it must refuse (the other kinds' are derived)
 MALFORMED = {"reward": ["bogus", "color:-1"], "train_steps": ["x", "9-3", "0,99"],
-             "nft_decay": ["x", "1,2", "0,0.1,1.5"], "lora_targets": [",", ""]}
+             "nft_decay": ["x", "1,2", "0,0.1,1.5"], "lora_targets": [",", ""], "seeds": ["x", "0,0", "1,", "-1"]}
 
 
 def outside(name, rule):

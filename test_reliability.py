@@ -12,17 +12,22 @@ import machinery
 from conftest import HERE, SMALL, lora, max_diff, ok, run, torchrun
 
 
-@pytest.mark.parametrize("stage", ["teacher", "distill"])
+@pytest.mark.parametrize("stage", ["teacher", "distill", "dmd"])
 def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
+    """dmd: two trained adapters (the student and its fake score), both restored with their
+    optimizers, or the student's later rounds would differ."""
     import signal
     import time
-    args = ["--stage", stage, "--steps", "6", *SMALL]
-    if stage == "distill":
+    args = ["--stage", "teacher" if stage == "teacher" else "distill", "--steps", "6", *SMALL]
+    if stage != "teacher":
         args += ["--teachers", f"color={teacher_dir}"]
-    sub = "teacher-color" if stage == "teacher" else "student"
+    if stage == "dmd":
+        args += ["--loss", "dmd"]
+    script = "baselines.py" if stage == "dmd" else "opd.py"
+    sub = {"teacher": "teacher-color", "distill": "student", "dmd": "student-dmd"}[stage]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run(*args, "--out", a).returncode == 0
-    p = subprocess.Popen([sys.executable, "opd.py", *args, "--out", b], cwd=HERE,
+    assert run(*args, "--out", a, script=script).returncode == 0
+    p = subprocess.Popen([sys.executable, script, *args, "--out", b], cwd=HERE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not os.path.isdir(os.path.join(b, sub, "ckpt-0000002")):
         time.sleep(0.01)
@@ -31,9 +36,9 @@ def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
     # a checkpoint cut off mid-write (no state.pt) and a temporary folder are ignored on resume
     os.makedirs(os.path.join(b, sub, "ckpt-0000099")); open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
     os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1")); open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
-    r = run(*args, "--out", b)  # without --resume: refused, nothing touched
+    r = run(*args, "--out", b, script=script)  # without --resume: refused, nothing touched
     assert r.returncode == 2 and "--resume" in r.stderr
-    r = run(*args, "--out", b, "--resume")
+    r = run(*args, "--out", b, "--resume", script=script)
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
     assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(b, sub))) <= 1e-6
 
@@ -90,6 +95,11 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ranks in sync") == 2  # teacher and student, checked by comparing the weights
     assert set(json.load(open(os.path.join(out, "eval.json")))) == {"base", "teacher-color", "student"}
+    # DMD's second trained adapter (the fake score) is averaged over the ranks too
+    r = torchrun("--stage", "distill", "--loss", "dmd", "--steps", "2", *SMALL, "--teachers",
+                 f"color={out}/teacher-color", "--out", out, script="baselines.py")
+    assert r.returncode == 0 and "student-dmd fake: 2 ranks in sync" in r.stdout, r.stderr[-3000:]
+    assert "student-dmd: 2 ranks in sync" in r.stdout
     # the same check catches unsynchronised gradients: each rank its own gradient, averaged over
     # the ranks by optimizer_step (weights equal) or not (world 1 on each: they diverge)
     script = tmp_path / "sync.py"
@@ -110,5 +120,5 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
 
 
 def test_resume_with_nothing_saved_says_so(tmp_path):
-    r = ok(run("--stage", "teacher", "--steps", "1", *SMALL, "--resume", "--out", str(tmp_path / "o")))
+    r = ok(run("--stage", "teacher", "--steps", "2", *SMALL, "--resume", "--out", str(tmp_path / "o")))
     assert "--resume, but" in r.stdout and "holds no checkpoint: starting at step 0" in r.stdout
