@@ -375,6 +375,9 @@ def rollout(velocity, x, sigmas, noise_level, generator=None):
             lp = gaussian_logp(x_next, mu, std) if noise_level > 0 else torch.zeros_like(std)
             states.append(x_next); means.append(mu); stds.append(std); logps.append(lp)
             x = x_next
+    if not means:  # no step: only x_0
+        return dict(states=states[0][:, None], means=states[0][:, None][:, :0],
+                    stds=states[0].new_zeros(len(x), 0), logps=states[0].new_zeros(len(x), 0))
     return dict(states=torch.stack(states, 1), means=torch.stack(means, 1),
                 stds=torch.stack(stds, 1), logps=torch.stack(logps, 1))
 

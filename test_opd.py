@@ -60,6 +60,8 @@ def test_ode_is_euler_fp32_and_draws_no_noise():
     x_next, mu, std = opd.sde_step(x, v, 0.6, 0.5, 0.0, generator=g)
     assert x_next.dtype == torch.float32 and torch.equal(g.get_state(), state)
     assert torch.allclose(x_next, x.float() + v.float() * (0.5 - 0.6)) and std.eq(0).all()
+    none = opd.rollout(lambda x, t: x, x, opd.sd3_sigmas(4)[:1], 0.0)  # no step (DMD / TDM at k = 0)
+    assert torch.equal(none["states"][:, 0], x.float()) and none["means"].shape == (len(x), 0, *x.shape[1:])
 
 
 def test_closed_form_kl_matches_monte_carlo():
