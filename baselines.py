@@ -78,7 +78,7 @@ class Args(opd.Config):
              f"--two_pass applies to --loss closed or ppo, not {self.loss}"),
             (stage == "distill" and self.loss == "flow" and self.batch_size < 2,
              "--loss flow normalises over the batch: --batch_size must be at least 2"),
-            (self.seeds and stage != "distill" and self.stage not in ("compare", "noise"),
+            (self.seeds and self.stage not in ("compare", "noise"),
              "--seeds applies to --stage compare or noise"),
             (self.sde_weight != "kl" and self.loss not in ("closed", "ppo"),
              f"--sde_weight applies to --loss closed or ppo, not {self.loss}"),

@@ -6,11 +6,11 @@ Run manual
     python opd.py                        # tiny, offline, 2 CPU cores: 3 teachers, distil, eval
     python opd.py --stage teacher --task color --algo nft      # one DiffusionNFT teacher
     torchrun --nproc_per_node=2 opd.py --stage all --out runs/two
-    python opd.py --model stabilityai/stable-diffusion-3.5-medium --stage teacher --task ocr \
-        --grad_checkpointing             # one GPU, the real model
+    torchrun --nproc_per_node=8 opd.py --model stabilityai/stable-diffusion-3.5-medium \
+        --stage teacher --task ocr --grad_checkpointing  # GRPO-Guard's public config, 8 GPUs
     torchrun --nproc_per_node=8 opd.py --model stabilityai/stable-diffusion-3.5-medium \
         --stage distill --tasks geneval,ocr,aesthetic     # the paper's stage 2
-The baselines (joint and cascade RL, SFT, DanceOPD, FlowOPD, the comparison, the noise
+The baselines (joint and cascade RL, SFT, DanceOPD, FlowOPD, DMD, TDM, the comparison, the noise
 ablation) run from baselines.py, the speed and memory bench from bench.py; README.md has the
 numbers to expect.
 
@@ -30,8 +30,9 @@ Simplifications (and why)
    memory; switching adapters switches models.
 2. Per-step losses average over latent elements (as the public code), where the paper's
    equations sum: a constant factor per resolution, absorbed by Adam.
-3. Stage 1 is GRPO-Guard or DiffusionNFT (--algo nft, the paper's GenEval teacher); NFT samples
-   with the Euler ODE where its public code uses a second-order solver.
+3. Stage 1 is GRPO-Guard or DiffusionNFT (--algo nft, the paper's GenEval teacher), an epoch of
+   --updates_per_epoch optimizer steps as their public configs; NFT samples with the Euler ODE
+   where its public code uses a second-order solver.
 4. Prompt embeddings are computed when first needed and kept in a bounded cache; the text
    encoders visit the GPU only to encode (--text_encoders).
 5. The default model (tiny.py) is an SD3 built from configs and pretrained ~60 s on synthetic
