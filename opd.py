@@ -631,7 +631,7 @@ def train_rl(cfg, m, tasks, name, rank, world, schedule=None):
     bar_ = bar(range(start, cfg.steps, K), rank, name)
     for first in bar_:  # one epoch: optimizer steps first .. first + K - 1
         t0 = time.perf_counter()
-        encode_ahead(cfg, m, first, prompts_of)
+        encode_ahead(cfg, m, first, prompts_of, K)
         batches, rewards = rl_sample(cfg, m, schedule(first), first, rank, world)
         order = torch.randperm(K * b, generator=rng(cfg.seed, first, 3, rank))
         for u, step in enumerate(range(first, first + K)):
@@ -731,14 +731,16 @@ def draw_prompts(cfg, task, step, index, n):
     return [task.train[i] for i in idx]
 
 
-def encode_ahead(cfg, m, step, prompts_of):
-    """Embed the prompts of the next steps at once (prompts_of(step) -> list), as many steps as
-    fill half the embedding cache: the text encoders then visit the GPU once per so many steps."""
+def encode_ahead(cfg, m, step, prompts_of, every=1):
+    """Embed the prompts of the next steps at once (prompts_of(step) -> list; steps `every`
+    apart: an RL epoch's first), as many steps as fill half the embedding cache: the text
+    encoders then visit the GPU once per so many steps."""
     first = prompts_of(step)
     if any(p not in m.cache for p in first):  # else they were embedded ahead
         half = cfg.embed_cache_mb * 2**20 / 2
         ahead = max(1, min(64, int(half // (len(set(first)) * m.prompt_bytes()))))
-        m.encode([p for s in range(step, min(step + ahead, cfg.steps)) for p in prompts_of(s)])
+        m.encode([p for s in range(step, min(step + ahead * every, cfg.steps), every)
+                  for p in prompts_of(s)])
 
 
 # ---------------------------------------------------------------------------------------------
