@@ -267,7 +267,7 @@ def checkpoints(run_dir):
 
 
 def save_checkpoint(run_dir, step, tr, names, opts, emas, cfg, aux=(), elapsed=0.0, keep=2):
-    """names, opts, emas: the trained adapters, their optimizers and EMAs (one each, or more);
+    """names, opts: the trained adapters and their optimizers; emas: the EMAs of the first ones;
     aux: more tensors to restore exactly (NFT's old adapter); elapsed: training seconds."""
     from safetensors.torch import save_file
     final = os.path.join(run_dir, f"ckpt-{step:07d}")
@@ -304,12 +304,13 @@ def load_checkpoint(run_dir, tr, names, opts, emas, cfg, aux=()):
     from safetensors.torch import load_file
     state = check_resume(run_dir, cfg)
     ck = os.path.join(run_dir, checkpoints(run_dir)[-1])
-    for i, (name, opt, ema) in enumerate(zip(names, opts, emas)):
+    for i, (name, opt) in enumerate(zip(names, opts)):
         weights = load_file(os.path.join(ck, f"adapter{i or ''}.safetensors"))
         set_peft_model_state_dict(tr, weights, adapter_name=name)
         opt.load_state_dict(state["optimizers"][i])
-        for e, saved in zip(ema.shadow, state["emas"][i]):
-            e.data.copy_(saved)
+    for ema, saved in zip(emas, state["emas"]):  # the first adapters' (a helper keeps none)
+        for e, s in zip(ema.shadow, saved):
+            e.data.copy_(s)
     for a, saved in zip(aux, state["aux"]):
         a.data.copy_(saved)
     torch.set_rng_state(state["torch_rng"])

@@ -185,11 +185,9 @@ class Config:
         ]
 
 
-# The defaults of the fields left at None. Per model: resolution, T5 tokens, RL group. Per model,
-# stage and algorithm (eval takes distill's row): the rest. The real rows are the public configs
-# on 8 GPUs (docs/real-model.md): GRPO-Guard samples 48 prompts x 24 images an epoch and steps
-# twice (576 each), its EMA every 8 steps; DiffusionNFT (GenEval) steps once on all 1,152, EMA
-# every step; OPD 3 trajectories per task and GPU. The tiny rows keep the same structure, smaller.
+# The defaults of the fields left at None. Per model: resolution, T5 tokens, RL group; per model,
+# stage and algorithm (eval takes distill's row): the rest. Real rows = the public configs on 8
+# GPUs (GRPO-Guard 48 x 24 an epoch in 2 steps, NFT 1 step, OPD 3 per task and GPU; README).
 MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12),
                   "real": dict(resolution=512, max_seq_len=128, group_size=24)}
 ATTN = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # the paper's
@@ -501,9 +499,7 @@ def distill(cfg, m, tasks, teacher_dirs, rank, world, name=None, round_fn=None, 
             elapsed=round(elapsed, 3), time_round=round(seconds, 4))
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(run_dir, step + 1, m.tr, ["student", *made],
-                            [opt, *(o for _, o in made.values())],
-                            [ema, *(EMA(p, 0.0, 1) for p, _ in made.values())], cfg,
-                            elapsed=elapsed)
+                            [opt, *(o for _, o in made.values())], [ema], cfg, elapsed=elapsed)
     if cfg.eval_every:
         with ema.applied():
             log(step=cfg.steps, elapsed=round(elapsed, 3), held_out=held())
@@ -558,7 +554,7 @@ def rl_backward(cfg, m, batches, rows, step, rank, world):
     of ratios outside the clip range, mean |ratio - 1| and 0.5 mean (log ratio)^2 (Flow-GRPO)."""
     N, nft, b = cfg.num_steps, cfg.algo == "nft", len(rows)
     sigmas = sd3_sigmas(N)
-    stats = torch.zeros(4, dtype=torch.float64)  # clipped, sum |ratio - 1|, sum log^2, count
+    stats = torch.zeros(4, dtype=torch.float64, device=m.device)  # clipped, |r - 1|, log^2, n
     for i, (mine, traj, adv) in enumerate(batches):
         g = rng(cfg.seed, step, 2, i, rank)  # NFT's timesteps and fresh noise
         for s in chunks(b, cfg.micro_batch):
@@ -588,16 +584,15 @@ def rl_backward(cfg, m, batches, rows, step, rank, world):
                                             traj["stds"][idx, k], t_next - t, a, cfg.clip_range,
                                             ratio_norm=not cfg.no_ratio_norm,
                                             dt_reweight=not cfg.no_ratio_norm)
-                    r = ratio.detach().double().cpu()
+                    r = ratio.detach().double()  # summed on the device: no sync per step
                     stats += torch.stack([((r - 1).abs() > cfg.clip_range).sum(),
                                           (r - 1).abs().sum(), r.log().pow(2).sum(),
-                                          torch.tensor(len(r), dtype=torch.float64)])
+                                          r.new_tensor(len(r))])
                 m.use("policy")  # gradient checkpointing recomputes with the active adapter
                 (loss.sum() / (b * len(batches) * (N - 1))).backward()
     if nft:
         return {}
     if world > 1:
-        stats = stats.to(m.device)
         torch.distributed.all_reduce(stats)
     c, dev, kl, n = stats.tolist()
     return dict(clipfrac=c / n, ratio_dev=dev / n, approx_kl=0.5 * kl / n)
@@ -666,19 +661,19 @@ def start_training(cfg, m, run_dir, name, mode, rank, aux=(), helpers=None):
         os.makedirs(run_dir, exist_ok=True)
     adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     helpers = helpers or {}  # may also set the AdamW of `name` itself (TDM's betas)
-    names, opts, emas, made = [name, *(n for n in helpers if n != name)], [], [], {}
+    names, opts, made = [name, *(n for n in helpers if n != name)], [], {}
     for n in names:
         p = add_lora(m.tr, n, cfg)
         opts.append(torch.optim.AdamW(p, **{**adamw, **helpers.get(n, {})}))
-        emas.append(EMA(p, cfg.ema, cfg.ema_every) if n == name else EMA(p, 0.0, 1))
         made[n] = (p, opts[-1])
     params, opt = made.pop(name)
+    ema = EMA(params, cfg.ema, cfg.ema_every)
     m.trainable, m.active = params, "?"  # the next m.use sets which weights require grad
     start, elapsed = 0, 0.0
     if mode == "resume":
-        start, elapsed = load_checkpoint(run_dir, m.tr, names, opts, emas, cfg, aux)
+        start, elapsed = load_checkpoint(run_dir, m.tr, names, opts, [ema], cfg, aux)
         say(rank, f"resumed {run_dir} at step {start}")
-    return params, opt, emas[0], start, elapsed, made
+    return params, opt, ema, start, elapsed, made
 
 
 def optimizer_step(cfg, opt, params, bad, rank, world):
