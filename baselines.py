@@ -573,55 +573,86 @@ def spread(xs):
     return {"mean": mean, "sd": sd, "values": xs}
 
 
+def paired(xs):
+    """spread() of paired differences plus the half-width of their 95% t-interval,
+    t_{0.975, n-1} sd / sqrt(n) (None for one seed): the interval excludes 0 when |mean| > it."""
+    from scipy.stats import t as student_t
+    d, n = spread(xs), len(xs)
+    d["ci95"] = float(student_t.ppf(0.975, n - 1)) * d["sd"] / n ** 0.5 if n > 1 else None
+    return d
+
+
+def marked(d, p=3):
+    """'mean ± sd' of a paired() difference, then ** when its 95% t-interval excludes 0, else *
+    when it has the same (non-zero) sign in every seed and |mean| > sd."""
+    same = len({x > 0 for x in d["values"]}) == 1 and all(x != 0 for x in d["values"])
+    star = " **" if d["ci95"] is not None and abs(d["mean"]) > d["ci95"] else \
+        " *" if same and abs(d["mean"]) > d["sd"] else ""
+    return f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}" + star
+
+
 def compare_seeds(out, seeds, tasks):
     """Over the seeds' eval.json (avg normalised within each seed's table; train time of the
     whole method): every model's mean and spread, and OPD's paired difference to every other
-    model (per seed: OPD minus it; a difference whose sign is the same in every seed and whose
-    mean exceeds its sd is marked). Writes seeds.json and seeds.md."""
+    model (per seed: OPD minus it). A difference whose sign is the same in every seed and whose
+    mean exceeds its sd is marked *, one whose 95% paired t-interval excludes 0 **. Writes
+    seeds.json and seeds.md."""
     tables = [json.load(open(os.path.join(out, f"seed-{s}", "eval.json"))) for s in seeds]
     models = [n for n in tables[0] if all(n in t for t in tables)]
     cols = [*tasks, "avg"]
     per = [{n: {**{k: t[n][k] for k in tasks}, "avg": opd.normalised_mean(t, tasks)[n],
                 "seconds": opd.method_seconds(t)[n]} for n in models} for t in tables]
     summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds"]} for n in models}
-    paired = {n: {k: spread([p["student"][k] - p[n][k] for p in per]) for k in cols}
-              for n in models if n != "student"}
-    clear = lambda d: abs(d["mean"]) > d["sd"] and len({x > 0 for x in d["values"]}) == 1 \
-        and all(x != 0 for x in d["values"])
+    diffs = {n: {k: paired([p["student"][k] - p[n][k] for p in per]) for k in cols}
+             for n in models if n != "student"}
     f = lambda d, p=3: f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
     lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
              "| model | " + " | ".join(cols) + " | train time |", "|---" * (len(cols) + 2) + "|"]
     lines += [f"| {n} | " + " | ".join(f(summary[n][k]) for k in cols) +
               f" | {f(summary[n]['seconds'], 0)} s |" for n in models]
     lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
-              "and |mean| > sd):", "", "| OPD minus | " + " | ".join(cols) + " |",
-              "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(f(d[k]) + (" *" if clear(d[k]) else "") for k in cols) + " |"
-              for n, d in paired.items()]
+              "and |mean| > sd; ** : the 95% paired t-interval excludes 0):", "",
+              "| OPD minus | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(marked(d[k]) for k in cols) + " |"
+              for n, d in diffs.items()]
     md = "\n".join(lines) + "\n"
     write_text(os.path.join(out, "seeds.json"), json.dumps(
-        {"seeds": seeds, "models": summary, "opd_minus": paired}, indent=1))
+        {"seeds": seeds, "models": summary, "opd_minus": diffs}, indent=1))
     write_text(os.path.join(out, "seeds.md"), md)
     print(md, flush=True)
 
 
 def noise_seeds(out, seeds):
     """Over the seeds' noise.json: per run, mean and spread of the rounds to 50 / 75 / 90% of
-    the final gain (over the seeds where it was reached) and of the final gain."""
+    the final gain (over the seeds where it was reached) and of the final gain; per SDE run, its
+    paired difference to the ODE run (the first) in rounds to 90% (over the seeds where both
+    reached it) and in final gain, marked as compare_seeds marks them."""
     res = [json.load(open(os.path.join(out, f"seed-{s}", "noise.json"))) for s in seeds]
-    summary = {}
-    lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
-             "| run | final mean gain | rounds to 50% | 75% | 90% |", "|---|---|---|---|---|"]
+    summary, ode = {}, next(iter(res[0]["levels"]))
+    lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds; the last two columns are "
+             f"paired by seed, this run minus {ode} (* : the same sign in every seed and "
+             "|mean| > sd; ** : the 95% paired t-interval excludes 0).", "",
+             "| run | final mean gain | rounds to 50% | 75% | 90% | 90%, minus ODE | "
+             "final gain, minus ODE |", "|---|---|---|---|---|---|---|"]
     for label in res[0]["levels"]:
         runs = [r["levels"][label] for r in res]
         gain = spread([r["mean_gain"][-1] for r in runs])
         reach = {f: [r["rounds_to"][f] for r in runs] for f in runs[0]["rounds_to"]}
         reach = {f: spread([x for x in v if x is not None]) if any(x is not None for x in v)
                  else None for f, v in reach.items()}
-        summary[label] = {"final_mean_gain": gain, "rounds_to": reach}
+        both = [(r["levels"][label]["rounds_to"]["0.9"], r["levels"][ode]["rounds_to"]["0.9"])
+                for r in res]
+        both = [x - y for x, y in both if x is not None and y is not None]
+        vs = {"rounds_to_0.9": paired(both) if both else None,
+              "final_mean_gain": paired([r["levels"][label]["mean_gain"][-1] -
+                                         r["levels"][ode]["mean_gain"][-1] for r in res])}
+        summary[label] = {"final_mean_gain": gain, "rounds_to": reach,
+                          **({f"minus_{ode}": vs} if label != ode else {})}
         cell = lambda d: f"{d['mean']:.1f} ± {d['sd']:.1f} (n {len(d['values'])})" if d else "-"
+        rel = [marked(vs["rounds_to_0.9"], 1) + f" (n {len(both)})" if both else "-",
+               marked(vs["final_mean_gain"])] if label != ode else ["-", "-"]
         lines.append(f"| {label} | {gain['mean']:+.3f} ± {gain['sd']:.3f} | " +
-                     " | ".join(cell(d) for d in reach.values()) + " |")
+                     " | ".join([cell(d) for d in reach.values()] + rel) + " |")
     md = "\n".join(lines) + "\n"
     write_text(os.path.join(out, "seeds.json"), json.dumps({"seeds": seeds, "runs": summary},
                                                             indent=1))

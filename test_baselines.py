@@ -109,7 +109,8 @@ def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
 
 def test_compare_seeds_summary_by_hand(tmp_path):
     """Mean, sample sd and OPD's paired differences over seeds' tables, against a hand computation
-    on made-up tables; a difference with the same sign in every seed and |mean| > sd is starred."""
+    on made-up tables; a difference with the same sign in every seed and |mean| > sd is starred,
+    one whose 95% paired t-interval excludes 0 gets two stars."""
     tables = [{"base": {"a": 0.0, "seconds": 0}, "teacher-a": {"a": 1.0, "seconds": 10},
                "student": {"a": 0.9, "seconds": 5}, "joint-x": {"a": 0.5, "seconds": 30}},
               {"base": {"a": 0.0, "seconds": 0}, "teacher-a": {"a": 1.0, "seconds": 12},
@@ -127,9 +128,39 @@ def test_compare_seeds_summary_by_hand(tmp_path):
     d = res["opd_minus"]["joint-x"]["a"]  # 0.4, -0.1, 0.2
     assert d["values"] == pytest.approx([0.4, -0.1, 0.2]) and d["mean"] == pytest.approx(0.5 / 3)
     assert d["sd"] == pytest.approx(((0.4 - 0.5 / 3) ** 2 + (-0.1 - 0.5 / 3) ** 2 + (0.2 - 0.5 / 3) ** 2) ** 0.5 / 2 ** 0.5)
+    assert d["ci95"] == pytest.approx(4.302653 * d["sd"] / 3 ** 0.5)  # t_{0.975, 2}, from tables
     md = open(tmp_path / "seeds.md").read()
     assert "| joint-x | 0.167 ± 0.252 |" in md  # signs differ: no star
-    assert "| base | 0.800 ± 0.100 * |" in md  # 0.9, 0.7, 0.8 above the base in every seed
+    # -0.1, -0.3, -0.2 below the teacher in every seed and |mean| 0.2 > sd 0.1, but inside the
+    # 95% interval's half-width 4.303 x 0.1 / sqrt(3) = 0.248: one star
+    assert "| teacher-a | -0.200 ± 0.100 * |" in md
+    assert "| base | 0.800 ± 0.100 ** |" in md  # 0.8 > 0.248: the interval excludes 0
+
+
+def test_noise_seeds_summary_by_hand(tmp_path):
+    """Rounds to 50 / 75 / 90% and the final gain over seeds, and each SDE run minus the ODE run
+    paired by seed (rounds to 90% over the seeds where both reached it), on made-up curves."""
+    ode = [(10, 0.08), (12, 0.09), (14, 0.07)]  # (rounds to 90%, final gain) per seed
+    sde = [(12, 0.07), (None, -0.01), (18, 0.06)]
+    for s in range(3):
+        lv = lambda r, g: {"mean_gain": [0.0, g], "rounds_to": {"0.5": 2, "0.75": 4, "0.9": r}}
+        os.makedirs(tmp_path / f"seed-{s}")
+        (tmp_path / f"seed-{s}" / "noise.json").write_text(json.dumps(
+            {"levels": {"a0.0": lv(*ode[s]), "a0.7": lv(*sde[s])}}))
+    baselines.noise_seeds(str(tmp_path), [0, 1, 2])
+    res = json.load(open(tmp_path / "seeds.json"))["runs"]
+    assert res["a0.7"]["rounds_to"]["0.9"]["values"] == [12, 18]  # seed 1 never reached it
+    d = res["a0.7"]["minus_a0.0"]
+    assert d["rounds_to_0.9"]["values"] == [2, 4]  # seeds 0 and 2 only
+    assert d["rounds_to_0.9"]["mean"] == pytest.approx(3) and d["rounds_to_0.9"]["sd"] == pytest.approx(2 ** 0.5)
+    assert d["rounds_to_0.9"]["ci95"] == pytest.approx(12.706205 * 2 ** 0.5 / 2 ** 0.5)  # t_{0.975, 1}
+    assert d["final_mean_gain"]["values"] == pytest.approx([-0.01, -0.1, -0.01])
+    assert "minus_a0.0" not in res["a0.0"]
+    md = open(tmp_path / "seeds.md").read()
+    # rounds +2, +4: the same sign and 3 > 1.41 (*), inside 12.7 x 1.41 / sqrt(2) = 12.7 (not **);
+    # gains -0.01, -0.10, -0.01: |mean| 0.04 < sd 0.052, no mark
+    assert "| a0.7 | +0.040 ± 0.044 | 2.0 ± 0.0 (n 3) | 4.0 ± 0.0 (n 3) | 15.0 ± 4.2 (n 2) | " \
+           "3.0 ± 1.4 * (n 2) | -0.040 ± 0.052 |" in md
 
 
 def _linear(w):
