@@ -609,7 +609,8 @@ def compare_seeds(out, seeds, tasks):
     lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
              "| model | " + " | ".join(cols) + " | train time |", "|---" * (len(cols) + 2) + "|"]
     lines += [f"| {n} | " + " | ".join(f(summary[n][k]) for k in cols) +
-              f" | {f(summary[n]['seconds'], 0)} s |" for n in models]
+              (f" | {f(summary[n]['seconds'], 0)} s |" if any(summary[n]["seconds"]["values"])
+               else " | - |") for n in models]
     lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
               "and |mean| > sd; ** : the 95% paired t-interval excludes 0):", "",
               "| OPD minus | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

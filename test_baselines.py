@@ -135,6 +135,8 @@ def test_compare_seeds_summary_by_hand(tmp_path):
     # 95% interval's half-width 4.303 x 0.1 / sqrt(3) = 0.248: one star
     assert "| teacher-a | -0.200 ± 0.100 * |" in md
     assert "| base | 0.800 ± 0.100 ** |" in md  # 0.8 > 0.248: the interval excludes 0
+    assert "| base | 0.000 ± 0.000 | 0.000 ± 0.000 | - |" in md  # no training time
+    assert "| student | 0.800 ± 0.100 | 0.800 ± 0.100 | 17 ± 2 s |" in md  # 15, 19, 17 s
 
 
 def test_noise_seeds_summary_by_hand(tmp_path):
