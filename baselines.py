@@ -582,13 +582,18 @@ def paired(xs):
     return d
 
 
+def pm(d, p=3):
+    """'mean ± sd' of a spread()."""
+    return f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
+
+
 def marked(d, p=3):
-    """'mean ± sd' of a paired() difference, then ** when its 95% t-interval excludes 0, else *
-    when it has the same (non-zero) sign in every seed and |mean| > sd."""
+    """pm() of a paired() difference, then ** when its 95% t-interval excludes 0, else * when it
+    has the same (non-zero) sign in every seed and |mean| > sd."""
     same = len({x > 0 for x in d["values"]}) == 1 and all(x != 0 for x in d["values"])
     star = " **" if d["ci95"] is not None and abs(d["mean"]) > d["ci95"] else \
         " *" if same and abs(d["mean"]) > d["sd"] else ""
-    return f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}" + star
+    return pm(d, p) + star
 
 
 def compare_seeds(out, seeds, tasks):
@@ -605,11 +610,10 @@ def compare_seeds(out, seeds, tasks):
     summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds"]} for n in models}
     diffs = {n: {k: paired([p["student"][k] - p[n][k] for p in per]) for k in cols}
              for n in models if n != "student"}
-    f = lambda d, p=3: f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
     lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
              "| model | " + " | ".join(cols) + " | train time |", "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {n} | " + " | ".join(f(summary[n][k]) for k in cols) +
-              (f" | {f(summary[n]['seconds'], 0)} s |" if any(summary[n]["seconds"]["values"])
+    lines += [f"| {n} | " + " | ".join(pm(summary[n][k]) for k in cols) +
+              (f" | {pm(summary[n]['seconds'], 0)} s |" if any(summary[n]["seconds"]["values"])
                else " | - |") for n in models]
     lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
               "and |mean| > sd; ** : the 95% paired t-interval excludes 0):", "",
@@ -629,7 +633,7 @@ def noise_seeds(out, seeds):
     paired difference to the ODE run (the first) in rounds to 90% (over the seeds where both
     reached it) and in final gain, marked as compare_seeds marks them."""
     res = [json.load(open(os.path.join(out, f"seed-{s}", "noise.json"))) for s in seeds]
-    summary, ode = {}, next(iter(res[0]["levels"]))
+    summary, ode, top = {}, next(iter(res[0]["levels"])), str(FRACTIONS[-1])
     lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds; the last two columns are "
              f"paired by seed, this run minus {ode} (* : the same sign in every seed and "
              "|mean| > sd; ** : the 95% paired t-interval excludes 0).", "",
@@ -641,17 +645,18 @@ def noise_seeds(out, seeds):
         reach = {f: [r["rounds_to"][f] for r in runs] for f in runs[0]["rounds_to"]}
         reach = {f: spread([x for x in v if x is not None]) if any(x is not None for x in v)
                  else None for f, v in reach.items()}
-        both = [(r["levels"][label]["rounds_to"]["0.9"], r["levels"][ode]["rounds_to"]["0.9"])
-                for r in res]
-        both = [x - y for x, y in both if x is not None and y is not None]
-        vs = {"rounds_to_0.9": paired(both) if both else None,
-              "final_mean_gain": paired([r["levels"][label]["mean_gain"][-1] -
-                                         r["levels"][ode]["mean_gain"][-1] for r in res])}
-        summary[label] = {"final_mean_gain": gain, "rounds_to": reach,
-                          **({f"minus_{ode}": vs} if label != ode else {})}
+        summary[label] = {"final_mean_gain": gain, "rounds_to": reach}
+        rel = ["-", "-"]
+        if label != ode:  # paired with the ODE run, seed by seed
+            lv = [(r["levels"][label], r["levels"][ode]) for r in res]
+            both = [x["rounds_to"][top] - y["rounds_to"][top] for x, y in lv
+                    if x["rounds_to"][top] is not None and y["rounds_to"][top] is not None]
+            vs = summary[label][f"minus_{ode}"] = {
+                f"rounds_to_{top}": paired(both) if both else None,
+                "final_mean_gain": paired([x["mean_gain"][-1] - y["mean_gain"][-1] for x, y in lv])}
+            rel = [marked(vs[f"rounds_to_{top}"], 1) + f" (n {len(both)})" if both else "-",
+                   marked(vs["final_mean_gain"])]
         cell = lambda d: f"{d['mean']:.1f} ± {d['sd']:.1f} (n {len(d['values'])})" if d else "-"
-        rel = [marked(vs["rounds_to_0.9"], 1) + f" (n {len(both)})" if both else "-",
-               marked(vs["final_mean_gain"])] if label != ode else ["-", "-"]
         lines.append(f"| {label} | {gain['mean']:+.3f} ± {gain['sd']:.3f} | " +
                      " | ".join([cell(d) for d in reach.values()] + rel) + " |")
     md = "\n".join(lines) + "\n"

@@ -155,7 +155,7 @@ def test_noise_seeds_summary_by_hand(tmp_path):
     d = res["a0.7"]["minus_a0.0"]
     assert d["rounds_to_0.9"]["values"] == [2, 4]  # seeds 0 and 2 only
     assert d["rounds_to_0.9"]["mean"] == pytest.approx(3) and d["rounds_to_0.9"]["sd"] == pytest.approx(2 ** 0.5)
-    assert d["rounds_to_0.9"]["ci95"] == pytest.approx(12.706205 * 2 ** 0.5 / 2 ** 0.5)  # t_{0.975, 1}
+    assert d["rounds_to_0.9"]["ci95"] == pytest.approx(12.706205)  # t_{0.975, 1} x sd / sqrt(2), sd = sqrt(2)
     assert d["final_mean_gain"]["values"] == pytest.approx([-0.01, -0.1, -0.01])
     assert "minus_a0.0" not in res["a0.0"]
     md = open(tmp_path / "seeds.md").read()
