@@ -948,7 +948,7 @@ def preflight(cfg, stages):
         c = resolve(cfg, stage)
         if c.batch_size % world:
             raise UserError(f"--batch_size {c.batch_size} does not divide across {world} ranks")
-        if stage == "distill" and cfg.stage == "distill":
+        if stage == "distill" and "teacher" not in stages:  # the teachers must exist already
             for t, d in teacher_dirs(c, tasks).items():
                 if not os.path.isfile(os.path.join(d, LORA_FILE)):
                     raise UserError(f"no LoRA at {os.path.join(d, LORA_FILE)}: make it with "

@@ -188,3 +188,14 @@ def test_more_bad_inputs(tmp_path, teacher_dir):
         env = {"WORLD_SIZE": "3"} if "ranks" in needle else None
         r = run(*args, "--out", out, env=env, timeout=120)
         one_line_error(r, needle)
+
+
+def test_noise_without_teachers_stops_before_the_model(tmp_path):
+    """--stage noise (with or without --seeds) trains no teachers: a missing one is named, with
+    the command that makes it into the folder it is looked for in, before any model loads."""
+    out = str(tmp_path / "o")
+    for seeds in ([], ["--seeds", "0,1"]):
+        r = run("--stage", "noise", *seeds, "--out", out, script="baselines.py", timeout=120)
+        one_line_error(r, f"no LoRA at {os.path.join(out, 'teacher-color', machinery.LORA_FILE)}")
+        assert f"--out {out}`" in r.stderr and "config:" not in r.stdout
+    assert not os.path.exists(out)
