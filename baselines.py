@@ -36,20 +36,26 @@ The paper's comparisons on opd.py's SD3 code path, a runnable script of its own:
 Every student is routed: each task's prompts are supervised by that task's teacher alone (the
 public FlowOPD code averages its teachers because its tasks share one prompt set). The public
 DanceOPD and FlowOPD runs are CFG-free; here every method uses the run's --guidance, so that the
-comparison differs in the method only.
+comparison differs in the method only. The students other than OPD's run through this file's
+own loop (distill_baseline), built from opd.py's pieces as opd.distill is.
 """
 import dataclasses
-import functools
 import json
 import math
 import os
+import time
 
 import torch
 
 import opd
-from machinery import gather, main as cli, say, write_text
-from opd import gaussian_logp, opd_loss, rollout, transition
-from options import arg, one_of, text
+from opd import bcast, gaussian_logp, opd_loss, rollout, transition
+from opd_support import evaluation, reports, runs
+from opd_support.config import ATTN, TINY_MULTI, Config, model_kind, parse_config, resolve
+from opd_support.machinery import chunks, gather, main as cli, rank_world, rng, say
+from opd_support.checkpoints import write_text
+from opd_support.options import arg, one_of, text
+from opd_support.prompts import draw_prompts
+from opd_support.sd3 import sd3_sigmas
 
 DISTILL_LOSSES = ("closed", "ppo", "sft", "offpolicy", "dance", "flow", "dmd", "tdm")
 ODE_LOSSES = ("sft", "offpolicy", "dance", "dmd", "tdm")  # they roll out (or sample) with the ODE
@@ -61,7 +67,7 @@ def _seeds_ok(s):
 
 
 @dataclasses.dataclass
-class Args(opd.Config):
+class Args(Config):
     stage: str = arg("compare", one_of("distill", "joint", "cascade", "compare", "noise"), "stage")
     loss: str = arg("closed", one_of(*DISTILL_LOSSES), "distill: the student's method")
     seeds: str = arg("", text(True, _seeds_ok, "distinct seeds like 0,1,2"),
@@ -93,66 +99,67 @@ RL_STEPS = {("tiny", "joint"): 100, ("tiny", "cascade"): 300, ("real", "joint"):
 def rl_config(cfg, stage):
     """The teachers' RL settings, with the stage's steps; on the tiny model one adapter holds
     every task, so it gets the student's targets (AdaLN and text projections too)."""
-    kind = opd.model_kind(cfg.model)
-    return opd.resolve(cfg, "teacher", steps=RL_STEPS[kind, stage],
-                       lora_targets=opd.TINY_MULTI if kind == "tiny" else opd.ATTN)
+    kind = model_kind(cfg.model)
+    return resolve(cfg, "teacher", optim_steps=RL_STEPS[kind, stage],
+                   lora_targets=TINY_MULTI if kind == "tiny" else ATTN)
 
 
-def joint(cfg, m, tasks, rank, world):
+def joint(cfg, model, tasks):
+    """Every epoch samples every task: one LoRA, each image scored by its own task's reward."""
     c = rl_config(cfg, "joint")
-    return opd.train_rl(c, m, tasks, f"joint-{c.algo}", rank, world)
+    opd.train_rl(c, model, [tasks] * (c.optim_steps // c.updates_per_epoch), f"joint-{c.algo}")
 
 
-def cascade(cfg, m, tasks, rank, world):
-    """--steps in all, an equal share per task in --tasks order, one LoRA (and optimizer)."""
+def cascade(cfg, model, tasks):
+    """--optim_steps in all, an equal share per task in --tasks order, one LoRA (and
+    optimizer) throughout."""
     c = rl_config(cfg, "cascade")
-    per = max(1, c.steps // len(tasks))
-    return opd.train_rl(c, m, tasks, f"cascade-{c.algo}", rank, world,
-                        schedule=lambda step: [tasks[min(step // per, len(tasks) - 1)]])
+    per, K = max(1, c.optim_steps // len(tasks)), c.updates_per_epoch
+    schedule = [[tasks[min(first // per, len(tasks) - 1)]] for first in range(0, c.optim_steps, K)]
+    opd.train_rl(c, model, schedule, f"cascade-{c.algo}")
 
 
 # ------------------------------------------------------------------------------ distillation
-# Each has distill_trajectory's signature: (student, teacher, x, sigmas, noise_level,
-# train_steps, loss, backward, two_pass, generator, sde_weight) -> (x_N, logged loss); student
-# and teacher are velocity closures v(x, t) with their CFG, one backward(loss) per trained forward.
+# Trajectory methods have opd.distill_trajectory's signature: (student, teacher, x, sampler,
+# generator, scale) -> (x_N, the loss as a float); student and teacher are velocity closures
+# v(x, t) with their CFG; each trained forward's loss x scale is backpropagated at once.
 def flow_matching_loss(velocity, x0, generator):
     """The flow-matching loss on clean latents x0 (B, ...), per sample: t ~ U(0, 1), eps fresh,
     x_t = (1 - t) x0 + t eps, mean (v(x_t, t) - (eps - x0))^2."""
     t = torch.rand(len(x0), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    x_t = (1 - opd._bcast(t, x0)) * x0 + opd._bcast(t, x0) * eps
+    x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * eps
     return (velocity(x_t, t).float() - (eps - x0)).pow(2).flatten(1).mean(1)
 
 
-def sft_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                   two_pass=False, generator=None, sde_weight="kl"):
+def sft_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
     """The paper's SFT: the teacher samples x0 (ODE, its own CFG) from the noise x; the student
     is trained by flow matching on it: t ~ U(0, 1), x_t = (1 - t) x0 + t eps, loss
     mean (v_S(x_t) - (eps - x0))^2, as many times (each with fresh t and eps) as OPD trains steps,
     so both make the same number of trained forwards. The velocity trained is the student's
     guided one, the velocity it samples with (as every student here)."""
-    x0 = rollout(teacher, x, sigmas, 0.0)["states"][:, -1]  # (B, C, h, w) the teacher's samples
-    logged = 0.0
-    for _ in train_steps:
-        l = flow_matching_loss(student, x0, generator).mean() / len(train_steps)
-        logged += float(l.detach())
-        backward(l)
+    x0 = rollout(teacher, x, sampler.sigmas, 0.0)["states"][:, -1]  # (B, C, h, w)
+    logged, n = 0.0, len(sampler.loss_steps)
+    for _ in sampler.loss_steps:
+        loss = flow_matching_loss(student, x0, generator).mean() / n
+        (loss * scale).backward()
+        logged += float(loss.detach())
     return x0, logged
 
 
-def offpolicy_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                         two_pass=False, generator=None, sde_weight="kl"):
+def offpolicy_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
     """Off-policy OPD: the TEACHER rolls out with the ODE; on each of its states x_j the
     student's mean is pulled to the teacher's, 1/2 ||mu_S(x_j) - mu_T(x_j)||^2: the closed-form
     loss on states the student would not visit itself."""
-    traj = rollout(teacher, x, sigmas, 0.0)  # states (B, N+1, ...), the teacher's means (B, N, ...)
+    sig, n = sampler.sigmas, len(sampler.loss_steps)
+    traj = rollout(teacher, x, sig, 0.0)  # states (B, N+1, ...), the teacher's means (B, N, ...)
     logged = 0.0
-    for j in train_steps:
+    for j in sampler.loss_steps:
         xj = traj["states"][:, j]
-        mu_s, std = transition(xj, student(xj, sigmas[j]), sigmas[j], sigmas[j + 1], 0.0)
-        l = opd_loss(mu_s, traj["means"][:, j], std).mean() / len(train_steps)
-        logged += float(l.detach())
-        backward(l)
+        mu_s, std = transition(xj, student(xj, sig[j]), sig[j], sig[j + 1], 0.0)
+        loss = opd_loss(mu_s, traj["means"][:, j], std).mean() / n
+        (loss * scale).backward()
+        logged += float(loss.detach())
     return traj["states"][:, -1], logged
 
 
@@ -164,20 +171,37 @@ def dance_query(n_states, batch, generator):
     return (u * n_states).long().clamp(max=n_states - 1)
 
 
-def dance_trajectory(student, teacher, x, sigmas, noise_level, train_steps, loss, backward,
-                     two_pass=False, generator=None, sde_weight="kl"):
+def dance_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
     """DanceOPD: the student's deterministic (ODE) trajectory; per sample one query state x_q
     (dance_query over the sampler's N states with a velocity); L = mean (v_S(x_q) - v_T(x_q))^2
     against the task's teacher. One trained forward per sample; returns (x_q, loss)."""
+    sigmas = sampler.sigmas
     q = dance_query(len(sigmas) - 1, len(x), generator).to(x.device)
-    states = rollout(student, x, sigmas[: int(q.max()) + 1], 0.0)["states"]  # to the deepest x_q
+    states = rollout(student, x, sigmas[: int(q.max()) + 1], 0.0)["states"]  # to the deepest
     x_q = states[torch.arange(len(x)), q]  # (B, C, h, w)
     t_q = sigmas.to(x.device)[q]          # (B,)
     with torch.no_grad():
         v_t = teacher(x_q, t_q)
-    l = (student(x_q, t_q).float() - v_t.float()).pow(2).flatten(1).mean(1).mean()
-    backward(l)
-    return x_q, float(l.detach())
+    loss = (student(x_q, t_q).float() - v_t.float()).pow(2).flatten(1).mean(1).mean()
+    (loss * scale).backward()
+    return x_q, float(loss.detach())
+
+
+def trajectory_round(cfg, model, tasks, r, run, guidance):
+    """One round of a trajectory method (TRAJECTORIES), as opd.distill's round: per task its
+    prompts, per micro-batch the method on the student's noise. Returns {task: loss}."""
+    sampler, losses = opd.sampler_of(cfg), {}
+    for i, task in enumerate(tasks):
+        prompts = runs.my_share(draw_prompts(cfg, task, r, i, cfg.batch_size), run)
+        g, losses[task.name] = rng(cfg.seed, "rollout", i, run.rank, step=r), 0.0
+        for s in chunks(len(prompts), cfg.micro_batch):
+            ps, share = prompts[s], len(prompts[s]) / len(prompts)
+            student = model.velocity("student", ps, cfg.guidance)
+            teacher = model.velocity(f"teacher-{task.name}", ps, guidance[task.name])
+            _, loss = TRAJECTORIES[cfg.loss](student, teacher, model.noise(len(ps), g), sampler,
+                                             g, share / len(tasks))  # a mean over tasks
+            losses[task.name] += loss * share
+    return losses
 
 
 def stepwise_advantages(r, world):
@@ -188,44 +212,45 @@ def stepwise_advantages(r, world):
     return (r - r_all.mean(0)) / (r_all.std(0) + 1e-4)
 
 
-def flow_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers=None,
-               clip=0.2):
-    """FlowOPD, one round (opd.distill_round's signature): per task, the student's SDE rollouts
-    (a > 0, no grad) and the reward of each trained step, the teacher's element-mean
-    log-density of the step the student took, r_j = log p_T(x_{j+1} | x_j); advantages per step
-    over the task's whole batch, all micro-batches and ranks (stepwise_advantages); then clipped
-    PPO (clip 0.2) on the stored transitions, ratio exp(log p_S - log p_old), one optimizer step
-    (on-policy: the ratio is 1 where it is evaluated). The original averages its teachers'
-    log-densities because its tasks share one prompt set; here each task has its own teacher."""
-    sigmas, n = opd.sd3_sigmas(cfg.num_steps), opd.parse_steps(cfg.train_steps, cfg.num_steps)
-    b, losses, a = cfg.batch_size // world, {}, cfg.noise_level
+FLOW_CLIP = 0.2  # FlowOPD's PPO clip range (Flow-GRPO's plain ratio)
+
+
+def flow_round(cfg, model, tasks, r, run, guidance):
+    """FlowOPD, one round: per task, the student's SDE rollouts (a > 0, no grad) and the reward
+    of each trained step, the teacher's element-mean log-density of the step the student took,
+    r_j = log p_T(x_{j+1} | x_j); advantages per step over the task's whole batch, all
+    micro-batches and ranks (stepwise_advantages); then clipped PPO on the stored transitions,
+    ratio exp(log p_S - log p_old), one optimizer step (on-policy: the ratio is 1 where it is
+    evaluated). The original averages its teachers' log-densities because its tasks share one
+    prompt set; here each task has its own teacher."""
+    sampler, a, losses = opd.sampler_of(cfg), cfg.noise_level, {}
+    sig, n = sampler.sigmas, sampler.loss_steps
     for i, task in enumerate(tasks):
-        mine = opd.draw_prompts(cfg, task, step, i, cfg.batch_size)[rank * b:(rank + 1) * b]
-        g, parts = opd.rng(cfg.seed, step, 1, i, rank), []
-        for s in opd.chunks(b, cfg.micro_batch):  # the rollouts and the teacher's rewards
-            student = m.velocity("student", mine[s], cfg.guidance)
-            teacher = m.velocity(teacher_of(task), mine[s], guidance_of[task.name])
-            traj = rollout(student, m.noise(len(mine[s]), g), sigmas, a, g)
+        prompts = runs.my_share(draw_prompts(cfg, task, r, i, cfg.batch_size), run)
+        g, parts = rng(cfg.seed, "rollout", i, run.rank, step=r), []
+        for s in chunks(len(prompts), cfg.micro_batch):  # the rollouts and the teacher's rewards
+            student = model.velocity("student", prompts[s], cfg.guidance)
+            teacher = model.velocity(f"teacher-{task.name}", prompts[s], guidance[task.name])
+            traj = rollout(student, model.noise(len(prompts[s]), g), sig, a, g)
+            states = traj["states"]
             with torch.no_grad():
-                r = [gaussian_logp(traj["states"][:, j + 1], transition(
-                    traj["states"][:, j], teacher(traj["states"][:, j], sigmas[j]), sigmas[j],
-                    sigmas[j + 1], a)[0], traj["stds"][:, j]) for j in n]
-            parts.append((s, traj, torch.stack(r, 1)))
-        adv = stepwise_advantages(torch.cat([r for _, _, r in parts]), world)
+                rew = [gaussian_logp(states[:, j + 1], transition(
+                    states[:, j], teacher(states[:, j], sig[j]), sig[j], sig[j + 1], a)[0],
+                    traj["stds"][:, j]) for j in n]
+            parts.append((s, traj, torch.stack(rew, 1)))
+        adv = stepwise_advantages(torch.cat([rw for _, _, rw in parts]), run.world)
         losses[task.name] = 0.0
         for s, traj, _ in parts:  # the training pass on the stored transitions
-            student = m.velocity("student", mine[s], cfg.guidance)
+            student = model.velocity("student", prompts[s], cfg.guidance)
             for k, j in enumerate(n):
                 xj = traj["states"][:, j]
-                mu_s, _ = transition(xj, student(xj, sigmas[j]), sigmas[j], sigmas[j + 1], a)
-                # the plain PPO ratio of Flow-GRPO: exp(log p_theta - log p_old), clip 0.2
-                l, _ = opd.grpo_loss(mu_s, traj["means"][:, j], traj["states"][:, j + 1],
-                                     traj["stds"][:, j], sigmas[j + 1] - sigmas[j], adv[s, k],
-                                     clip, ratio_norm=False, dt_reweight=False)
-                l = l.sum() / (b * len(n))
-                m.use("student")
-                l.backward()
-                losses[task.name] += float(l.detach())
+                mu_s, _ = transition(xj, student(xj, sig[j]), sig[j], sig[j + 1], a)
+                ratio = opd.log_ratio(mu_s, traj["means"][:, j], traj["states"][:, j + 1],
+                                      traj["stds"][:, j], ratio_norm=False).exp()
+                loss = opd.clipped_loss(ratio, adv[s, k], FLOW_CLIP).sum() / (len(prompts) *
+                                                                              len(n))
+                (loss / len(tasks)).backward()  # the round's gradient: a mean over tasks
+                losses[task.name] += float(loss.detach())
     return losses
 
 
@@ -238,14 +263,14 @@ def flow_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helper
 # guided prediction once (TDM folds it into a CFG-free student's target instead).
 DMD_FAKE_UPDATES = 5      # DMD2's SDXL scripts: 5 fake-score updates per generator update
 DMD_T = (0.02, 0.98)      # DMD2's min/max_step_percent: the re-noising t of the student's loss
-DMD_FAKE = dict(weight_decay=0.01)  # DMD2: AdamW (0.9, 0.999), the generator's lr, clip 10
-TDM_FAKE = dict(betas=(0.0, 0.95), weight_decay=0.01)  # TDM: the fake's lr is 5x the student's
+DMD_FAKE = dict(weight_decay=0.01, clip=10.0)  # DMD2: AdamW (0.9, 0.999), the student's lr
+TDM_FAKE = dict(betas=(0.0, 0.95), weight_decay=0.01, clip=math.inf)  # lr: 5x the student's
 TDM_STUDENT = dict(betas=(0.0, 0.95), weight_decay=0.01)
 
 
 def x0_of(x_t, v, t):
     """A velocity's clean prediction at x_t: x0 = x_t - t v, fp32; t a float or (B,)."""
-    return x_t.float() - opd._bcast(t, x_t) * v.float()
+    return x_t.float() - bcast(t, x_t) * v.float()
 
 
 def dmd_loss(x0_hat, x0_teacher, x0_fake):
@@ -254,7 +279,7 @@ def dmd_loss(x0_hat, x0_teacher, x0_fake):
     1/2 mean (x0_hat - sg(x0_hat - g))^2, whose gradient in x0_hat is g / D."""
     with torch.no_grad():
         w = (x0_hat - x0_teacher).abs().flatten(1).mean(1)
-        g = torch.nan_to_num((x0_fake - x0_teacher) / opd._bcast(w, x0_hat))
+        g = torch.nan_to_num((x0_fake - x0_teacher) / bcast(w, x0_hat))
     return 0.5 * (x0_hat - (x0_hat.detach() - g)).pow(2).flatten(1).mean(1)
 
 
@@ -279,12 +304,11 @@ def tdm_renoise(x0_hat, eps_hat, t_k, s, generator):
     lo = s.clamp(min=0.02)
     t = lo + (t_k - lo) * torch.rand(len(s), generator=generator).to(s.device)
     z = torch.randn(x0_hat.shape, generator=generator).to(x0_hat.device)
-    c = lambda u: opd._bcast(u, x0_hat)
-    x_s = (1 - c(s)) * x0_hat + c(s) * eps_hat
+    x_s = (1 - bcast(s, x0_hat)) * x0_hat + bcast(s, x0_hat) * eps_hat
     a = (1 - t) / (1 - s)
     beta = (t**2 - (a * s) ** 2).clamp(min=0).sqrt()
-    x = c(a) * x_s + c(beta) * z
-    return x, t, (c(a * s) * eps_hat + c(beta) * z) / c(t), z
+    x = bcast(a, x0_hat) * x_s + bcast(beta, x0_hat) * z
+    return x, t, (bcast(a * s, x0_hat) * eps_hat + bcast(beta, x0_hat) * z) / bcast(t, x0_hat), z
 
 
 def tdm_fake_loss(x0_fake, x0_hat, t, eps_mix, z):
@@ -296,51 +320,66 @@ def tdm_fake_loss(x0_fake, x0_hat, t, eps_mix, z):
     return (x0_fake - x0_hat).pow(2).flatten(1).mean(1) * snr.clamp(max=5) * w_is
 
 
-def student_states(cfg, m, tasks, step, rank, world, draws):
-    """The round's student rollouts (ODE, its CFG, no grad), per task and micro-batch, as deep as
-    the deepest of the draws: draws(n, g) -> [(n,) step indices]. Returns [(task, prompts, share
-    of the rank's batch, states (n, k+1, ...), [indices], generator)]."""
-    sigmas, b, out = opd.sd3_sigmas(cfg.num_steps), cfg.batch_size // world, []
+@dataclasses.dataclass
+class States:
+    """A micro-batch of the round's student rollouts (ODE, its CFG, no grad)."""
+    task: object
+    prompts: list
+    share: float             # of the rank's batch of the task
+    weight: float            # of the round's gradient: share / number of tasks
+    states: torch.Tensor     # (n, k + 1, C, h, w), as deep as the deepest drawn step
+    steps: list              # [(n,) step indices], as drawn
+    generator: torch.Generator
+
+
+def student_states(cfg, model, tasks, r, run, draws):
+    """The round's student rollouts per task and micro-batch, as deep as the deepest of the
+    draws: draws(n, g) -> [(n,) step indices]. Returns [States]."""
+    sigmas, out = sd3_sigmas(cfg.sampler_steps), []
     for i, task in enumerate(tasks):
-        mine = opd.draw_prompts(cfg, task, step, i, cfg.batch_size)[rank * b:(rank + 1) * b]
-        g = opd.rng(cfg.seed, step, 1, i, rank)
-        for s in opd.chunks(b, cfg.micro_batch):
-            ps, ks = mine[s], draws(len(mine[s]), g)
+        prompts = runs.my_share(draw_prompts(cfg, task, r, i, cfg.batch_size), run)
+        g = rng(cfg.seed, "rollout", i, run.rank, step=r)
+        for s in chunks(len(prompts), cfg.micro_batch):
+            ps, ks = prompts[s], draws(len(prompts[s]), g)
             deepest = max(int(k.max()) for k in ks)
-            states = rollout(m.velocity("student", ps, cfg.guidance), m.noise(len(ps), g),
+            states = rollout(model.velocity("student", ps, cfg.guidance), model.noise(len(ps), g),
                              sigmas[:deepest + 1], 0.0)["states"]
-            out.append((task, ps, len(ps) / b, states, ks, g))
+            share = len(ps) / len(prompts)
+            out.append(States(task, ps, share, share / len(tasks), states, ks, g))
     return out
 
 
-def student_loss(m, ps, x0_hat, x, t, teacher, teacher_cfg, loss_fn, share):
-    """DMD's or TDM's student loss at the re-noised x (time t): the teacher's (its CFG) and the
+def student_loss(model, batch, x0_hat, renoised, guidance, loss_fn):
+    """DMD's or TDM's student loss at the re-noised (x, t): the teacher's (its CFG) and the
     fake's (CFG 1) clean predictions there, no grad; loss_fn(x0_hat, x0_teacher, x0_fake)'s
-    batch mean, backpropagated x share into the student. Returns the loss."""
+    batch mean, backpropagated x the batch's weight into the student. Returns the loss."""
+    x, t = renoised
     with torch.no_grad():
-        x0_t = x0_of(x, m.velocity(teacher, ps, teacher_cfg)(x, t), t)
-        x0_f = x0_of(x, m.velocity("fake", ps, 1.0)(x, t), t)
+        teacher = model.velocity(f"teacher-{batch.task.name}", batch.prompts,
+                                 guidance[batch.task.name])
+        x0_t = x0_of(x, teacher(x, t), t)
+        x0_f = x0_of(x, model.velocity("fake", batch.prompts, 1.0)(x, t), t)
     loss = loss_fn(x0_hat, x0_t, x0_f).mean()
-    m.use("student")
-    (loss * share).backward()
+    model.use("student")  # gradient checkpointing recomputes with the active adapter
+    (loss * batch.weight).backward()
     return float(loss.detach())
 
 
-def _update_fake(cfg, m, fake, loss_of, batch, clip, rank, world):
-    """One optimizer step of the fake adapter on sum over the batch of loss_of(entry) x share
-    (entry[2]), gradients averaged over the ranks."""
-    params, opt = fake
-    student, m.trainable = m.trainable, params  # only the fake's weights require grad here
-    opt.zero_grad(set_to_none=True)
+def update_fake(cfg, model, run, loss_of, batch):
+    """One optimizer step of the fake adapter on the sum over the batch of loss_of(entry) x its
+    weight, gradients averaged over the ranks (only the fake's weights require grad here)."""
+    fake = run.extra["fake"]
+    model.trainable = fake.params
+    fake.opt.zero_grad(set_to_none=True)
     for entry in batch:
         loss = loss_of(entry)
-        m.use("fake")  # gradient checkpointing recomputes with the active adapter
-        (loss * entry[2]).backward()
-    opd.optimizer_step(dataclasses.replace(cfg, grad_clip=clip), opt, params, 0, rank, world)
-    m.trainable = student
+        model.use("fake")  # gradient checkpointing recomputes with the active adapter
+        (loss * entry.weight).backward()
+    runs.optimizer_step(cfg, run, "fake")
+    model.trainable = run.params
 
 
-def dmd_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers):
+def dmd_round(cfg, model, tasks, r, run, guidance):
     """DMD (DMD2 without its GAN head, which needs real images), one round: one sampler step k
     for the round (DMD2's backward simulation: k steps of the student from noise), the
     student's x0_hat there (with grad); re-noised x_t = (1 - t) sg(x0_hat) + t eps, t ~
@@ -349,28 +388,31 @@ def dmd_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers
     loss on the round's sg(x0_hat) at fresh t ~ U(0, 1) (DMD2 gives each fake update fresh
     generator samples; here they share the round's, so every method samples the same number of
     trajectories a round). Student and fake share the lr; the fake's clip is DMD2's 10."""
-    sigmas, n = opd.sd3_sigmas(cfg.num_steps), opd.parse_steps(cfg.train_steps, cfg.num_steps)
-    k = n[int(torch.randint(len(n), (1,), generator=opd.rng(cfg.seed, step, 4)))]
-    batch = student_states(cfg, m, tasks, step, rank, world,
+    sigmas, n = sd3_sigmas(cfg.sampler_steps), opd.sampler_of(cfg).loss_steps
+    k = n[int(torch.randint(len(n), (1,), generator=rng(cfg.seed, "dmd", step=r)))]
+    batch = student_states(cfg, model, tasks, r, run,
                            lambda b, g: [torch.full((b,), k, dtype=torch.long)])
     losses, made = {}, []
-    for task, ps, share, states, _, g in batch:
-        x_k, t_k = states[:, k], sigmas[k]
-        x0_hat = x0_of(x_k, m.velocity("student", ps, cfg.guidance)(x_k, t_k), t_k)
-        t = DMD_T[0] + (DMD_T[1] - DMD_T[0]) * torch.rand(len(ps), generator=g).to(x_k.device)
-        eps = torch.randn(x_k.shape, generator=g).to(x_k.device)
-        x_t = (1 - opd._bcast(t, x_k)) * x0_hat.detach() + opd._bcast(t, x_k) * eps
-        loss = student_loss(m, ps, x0_hat, x_t, t, teacher_of(task), guidance_of[task.name],
-                            dmd_loss, share)
-        losses[task.name] = losses.get(task.name, 0.0) + loss * share
-        made.append((ps, x0_hat.detach(), share, g))
+    for e in batch:
+        x_k, t_k = e.states[:, k], sigmas[k]
+        x0_hat = x0_of(x_k, model.velocity("student", e.prompts, cfg.guidance)(x_k, t_k), t_k)
+        t = DMD_T[0] + (DMD_T[1] - DMD_T[0]) * torch.rand(len(e.prompts), generator=e.generator)
+        t = t.to(x_k.device)
+        eps = torch.randn(x_k.shape, generator=e.generator).to(x_k.device)
+        x_t = (1 - bcast(t, x_k)) * x0_hat.detach() + bcast(t, x_k) * eps
+        loss = student_loss(model, e, x0_hat, (x_t, t), guidance, dmd_loss)
+        losses[e.task.name] = losses.get(e.task.name, 0.0) + loss * e.share
+        made.append(dataclasses.replace(e, states=x0_hat.detach()))
+
+    def fake_loss(e):  # flow matching on the student's clean predictions
+        return flow_matching_loss(model.velocity("fake", e.prompts, 1.0), e.states,
+                                  e.generator).mean()
     for _ in range(DMD_FAKE_UPDATES):
-        _update_fake(cfg, m, helpers["fake"], lambda e: flow_matching_loss(
-            m.velocity("fake", e[0], 1.0), e[1], e[3]).mean(), made, 10.0, rank, world)
+        update_fake(cfg, model, run, fake_loss, made)
     return losses
 
 
-def tdm_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers):
+def tdm_round(cfg, model, tasks, r, run, guidance):
     """TDM, one round: per sample a random stage k of the student's sampler (its train steps,
     uniform), drawn apart for the fake's update and the student's loss, both on the round's
     ODE rollouts. First one update of the fake adapter (TDM steps it first): tdm_fake_loss at
@@ -378,54 +420,76 @@ def tdm_round(cfg, m, tasks, step, rank, world, teacher_of, guidance_of, helpers
     at a freshly re-noised x' with the teacher's (guided) and the fake's clean predictions. The
     fake's AdamW lr is 5x the student's (TDM: student lr = fake lr / 5), betas (0, 0.95) for
     both, no clip for the fake."""
-    sigmas, n = opd.sd3_sigmas(cfg.num_steps), opd.parse_steps(cfg.train_steps, cfg.num_steps)
-    steps = torch.tensor(n)
-    draw = lambda b, g: [steps[torch.randint(len(n), (b,), generator=g)] for _ in range(2)]
-    batch = student_states(cfg, m, tasks, step, rank, world, draw)
-    sig = sigmas.to(m.device)
+    n = torch.tensor(opd.sampler_of(cfg).loss_steps)
+    batch = student_states(cfg, model, tasks, r, run, lambda b, g: [
+        n[torch.randint(len(n), (b,), generator=g)] for _ in range(2)])
+    sig = sd3_sigmas(cfg.sampler_steps).to(model.device)
 
-    def prediction(ps, states, k, grad):  # x0_hat and eps_hat of the student at x_k, per sample
-        x_k, t_k = states[torch.arange(len(ps)), k], sig[k]
+    def prediction(e, k, grad):  # x0_hat and eps_hat of the student at x_k, per sample
+        x_k, t_k = e.states[torch.arange(len(e.prompts)), k], sig[k]
         with torch.set_grad_enabled(grad):
-            v = m.velocity("student", ps, cfg.guidance)(x_k, t_k)
-        return x0_of(x_k, v, t_k), x_k.float() + opd._bcast(1 - t_k, x_k) * v.float().detach()
+            v = model.velocity("student", e.prompts, cfg.guidance)(x_k, t_k)
+        return x0_of(x_k, v, t_k), x_k.float() + bcast(1 - t_k, x_k) * v.float().detach()
 
-    def fake_loss(entry):
-        _, ps, _, states, (k, _), g = entry
+    def fake_loss(e):
+        k = e.steps[0]
         with torch.no_grad():
-            x0_hat, eps_hat = prediction(ps, states, k, False)
-            x, t, eps_mix, z = tdm_renoise(x0_hat, eps_hat, sig[k], sig[k + 1], g)
-        x0_f = x0_of(x, m.velocity("fake", ps, 1.0)(x, t), t)
+            x0_hat, eps_hat = prediction(e, k, False)
+            x, t, eps_mix, z = tdm_renoise(x0_hat, eps_hat, sig[k], sig[k + 1], e.generator)
+        x0_f = x0_of(x, model.velocity("fake", e.prompts, 1.0)(x, t), t)
         return tdm_fake_loss(x0_f, x0_hat, t, eps_mix, z).mean()
-    _update_fake(cfg, m, helpers["fake"], fake_loss, batch, math.inf, rank, world)
+    update_fake(cfg, model, run, fake_loss, batch)
     losses = {}
-    for task, ps, share, states, (_, k), g in batch:
-        x0_hat, eps_hat = prediction(ps, states, k, True)
+    for e in batch:
+        k = e.steps[1]
+        x0_hat, eps_hat = prediction(e, k, True)
         with torch.no_grad():
-            x, t, _, _ = tdm_renoise(x0_hat.detach(), eps_hat, sig[k], sig[k + 1], g)
-        loss = student_loss(m, ps, x0_hat, x, t, teacher_of(task), guidance_of[task.name],
-                            tdm_loss, share)
-        losses[task.name] = losses.get(task.name, 0.0) + loss * share
+            x, t, _, _ = tdm_renoise(x0_hat.detach(), eps_hat, sig[k], sig[k + 1], e.generator)
+        loss = student_loss(model, e, x0_hat, (x, t), guidance, tdm_loss)
+        losses[e.task.name] = losses.get(e.task.name, 0.0) + loss * e.share
     return losses
 
 
-TRAJECTORIES = {"closed": None, "ppo": None, "sft": sft_trajectory,
-                "offpolicy": offpolicy_trajectory, "dance": dance_trajectory}
-ROUNDS = {"flow": flow_round, "dmd": dmd_round, "tdm": tdm_round}  # whole-round methods; the
-# others plug a trajectory into opd.distill_round
+TRAJECTORIES = {"sft": sft_trajectory, "offpolicy": offpolicy_trajectory,
+                "dance": dance_trajectory}
+ROUNDS = {**dict.fromkeys(TRAJECTORIES, trajectory_round), "flow": flow_round,
+          "dmd": dmd_round, "tdm": tdm_round}
 
 
-def helpers_of(cfg):
-    """The extra trained adapters of a method and their AdamW settings (opd.start_training)."""
+def extra_adapters(cfg):
+    """The extra trained adapters of a method and their AdamW settings and clip (runs.start_run)."""
     return {"dmd": {"fake": DMD_FAKE},
             "tdm": {"fake": {**TDM_FAKE, "lr": 5 * cfg.lr}, "student": TDM_STUDENT}}.get(cfg.loss)
 
 
-def student(cfg, m, tasks, dirs, rank, world, name=None):
-    c = opd.resolve(cfg, "distill")
-    round_fn = ROUNDS.get(c.loss) or functools.partial(opd.distill_round,
-                                                       trajectory=TRAJECTORIES[c.loss])
-    return opd.distill(c, m, tasks, dirs, rank, world, name, round_fn, helpers_of(c))
+def distill_baseline(cfg, model, tasks, teacher_dirs, name):
+    """A student of the same teachers by another method (--loss, ROUNDS), through opd.distill's
+    rounds: each round the method's gradient, then one optimizer step, EMA, log, checkpoint."""
+    run = runs.start_run(cfg, model, name, "student", extra=extra_adapters(cfg))
+    if run is None:
+        return
+    guidance = opd.load_teachers(cfg, model, teacher_dirs)
+    for r in runs.rounds(run, run.start, cfg.optim_steps):
+        evaluation.log_held_out(cfg, model, tasks, run, r)
+        t0 = time.perf_counter()
+        runs.embed_round_prompts(cfg, model, tasks, r, run)
+        losses = ROUNDS[cfg.loss](cfg, model, tasks, r, run, guidance)
+        grad_norm = runs.optimizer_step(cfg, run)
+        run.ema.step(r + 1)
+        run.elapsed += time.perf_counter() - t0
+        run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm,
+                elapsed=round(run.elapsed, 3))
+        runs.checkpoint(cfg, model, run, r, r + 1)
+    evaluation.log_held_out(cfg, model, tasks, run, cfg.optim_steps)
+    runs.finish_run(cfg, model, run, cfg.optim_steps * len(tasks) * cfg.batch_size)
+
+
+def student(cfg, model, tasks, dirs, name=None):
+    c = resolve(cfg, "distill")
+    name = name or ("student" if c.loss == "closed" else f"student-{c.loss}")
+    if c.loss in ("closed", "ppo"):
+        return opd.distill(c, model, tasks, dirs, name)
+    return distill_baseline(c, model, tasks, dirs, name)
 
 
 # ------------------------------------------------------------------------------ the comparison
@@ -438,33 +502,37 @@ def budget_steps(cfg, algo):
     OPD: M teachers x T steps x B_T, plus D distillation rounds x M x B_D. Joint samples M x B_T
     a step, cascade B_T a step: joint T + D B_D / B_T steps, cascade M times that; each rounded
     up to whole epochs of the algorithm."""
-    t, d = opd.resolve(cfg, "teacher"), opd.resolve(cfg, "distill")
-    k = opd.resolve(dataclasses.replace(cfg, algo=algo), "teacher").updates_per_epoch
-    steps = t.steps + math.ceil(d.steps * d.batch_size / t.batch_size)
-    up = lambda n: math.ceil(n / k) * k
+    t, d = resolve(cfg, "teacher"), resolve(cfg, "distill")
+    k = resolve(dataclasses.replace(cfg, algo=algo), "teacher").updates_per_epoch
+    steps = t.optim_steps + math.ceil(d.optim_steps * d.batch_size / t.batch_size)
+
+    def up(x):
+        return math.ceil(x / k) * k
     return up(steps), up(steps * len(cfg.tasks.split(",")))
 
 
-def compare(cfg, m, tasks, rank, world):
+def compare(cfg, model, tasks):
     """Teachers, OPD (held-out metrics every eval_every rounds), joint RL with both algorithms,
     cascade NFT, the distillation baselines from the same teachers; then the table, and the
     time OPD (teachers + distillation) took to reach each RL baseline's average (compare.json)."""
     names = [t.name for t in tasks]
+    t_cfg = resolve(cfg, "teacher")
     for t in tasks:
-        opd.train_rl(opd.resolve(cfg, "teacher"), m, [t], f"teacher-{t.name}", rank, world)
-    dirs = opd.teacher_dirs(cfg, names)
-    d = opd.resolve(cfg, "distill")
-    opd.distill(dataclasses.replace(d, eval_every=cfg.eval_every or max(1, d.steps // 6)), m,
-                tasks, dirs, rank, world)
+        opd.train_rl(t_cfg, model, [[t]] * (t_cfg.optim_steps // t_cfg.updates_per_epoch),
+                     f"teacher-{t.name}")
+    dirs = runs.teacher_dirs(cfg, names)
+    d = resolve(cfg, "distill")
+    opd.distill(dataclasses.replace(d, eval_every=cfg.eval_every or max(1, d.optim_steps // 6)),
+                model, tasks, dirs)
     for algo, stage in [("grpo_guard", "joint"), ("nft", "joint"), ("nft", "cascade")]:
         steps = budget_steps(cfg, algo)[stage == "cascade"]
-        sub = dataclasses.replace(cfg, algo=algo, steps=steps)
-        (joint if stage == "joint" else cascade)(sub, m, tasks, rank, world)
+        sub = dataclasses.replace(cfg, algo=algo, optim_steps=steps)
+        (joint if stage == "joint" else cascade)(sub, model, tasks)
     for loss, a in DISTILL_BASELINES:
-        student(dataclasses.replace(cfg, loss=loss, noise_level=a), m, tasks, dirs, rank, world)
-    table = opd.evaluate(opd.resolve(cfg, "eval"), m, tasks, rank, world)
-    if rank == 0:  # the paper: OPD reached joint RL's level in ~97 of its ~130 GPU hours
-        reach = {t: time_to_reach(cfg.out, table, names, t)
+        student(dataclasses.replace(cfg, loss=loss, noise_level=a), model, tasks, dirs)
+    table = evaluation.evaluate(resolve(cfg, "eval"), model, tasks)
+    if rank_world()[0] == 0:  # the paper: OPD reached joint RL's level in ~97 of its ~130 h
+        reach = {t: reports.time_to_reach(cfg.out, table, names, t)
                  for t in ("joint-grpo_guard", "joint-nft", "cascade-nft")}
         write_text(os.path.join(cfg.out, "compare.json"), json.dumps(reach, indent=1))
         for r in reach.values():
@@ -472,225 +540,77 @@ def compare(cfg, m, tasks, rank, world):
     return table
 
 
-def held_out_curve(run_dir):
-    """[(round, training seconds, {task: metric})] from a distillation run's metrics.jsonl."""
-    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [(r["step"], r["elapsed"], r["held_out"]) for r in rows if "held_out" in r]
-
-
-def time_to_reach(out, table, tasks, target):
-    """Training seconds until OPD's student (teachers' seconds + distillation's, read from its
-    held-out curve, normalised with the table's min and max) reaches the target's average."""
-    avg = lambda r: opd.normalised_mean({"x": r}, tasks, ref=table)["x"]
-    goal, secs = avg(table[target]), opd.method_seconds(table)
-    teachers = secs["student"] - table["student"]["seconds"]
-    curve = held_out_curve(os.path.join(out, "student"))
-    hit = next(((s, e) for s, e, r in curve if avg(r) >= goal), None)
-    res = {"target": target, "target_avg": goal, "target_seconds": secs[target],
-           "opd_teachers_seconds": teachers, "opd_round": hit and hit[0],
-           "opd_seconds": hit and teachers + hit[1]}
-    res["says"] = (f"OPD (teachers {teachers:.0f} s + distillation) reached {target}'s average "
-                   f"{goal:.3f} after {res['opd_seconds']:.0f} s (round {hit[0]}); {target} "
-                   f"trained {secs[target]:.0f} s" if hit else
-                   f"OPD's held-out curve never reached {target}'s average {goal:.3f} "
-                   f"({target}: {secs[target]:.0f} s)")
-    return res
-
-
 # ------------------------------------------------------------------------------ noise ablation
 NOISE_RUNS = [(0.0, "kl"), (0.3, "kl"), (0.7, "kl"), (0.3, "sigma"), (0.7, "sigma")]
-FRACTIONS = (0.5, 0.75, 0.9)  # rounds until the held-out gain first reaches these of its final
 
 
 def noise_label(a, weight):
     return f"a{a}" + ("" if weight == "kl" else f"-{weight}")
 
 
-def rounds_to(rounds, gain):
-    """{fraction: the first round whose mean gain reaches fraction x the final gain} (None when
-    the final gain is not positive)."""
-    return {str(f): (next(s for s, g in zip(rounds, gain) if g >= f * gain[-1])
-                     if gain[-1] > 0 else None) for f in FRACTIONS}
-
-
-def noise(cfg, m, tasks, rank, world, dirs=None):
+def noise(cfg, model, tasks, dirs=None):
     """OPD from the run's teachers with rollouts at a = 0, 0.3 and 0.7, the SDE ones with both
     step weights (--sde_weight kl and sigma), same seeds; held-out metrics every eval_every
     rounds (default: every 2 rounds); writes noise.json (curves, rounds to 50 / 75 / 90% of the
     final gain) and noise.png. dirs: the teachers (default --teachers or <out>/teacher-*)."""
     names = [t.name for t in tasks]
-    dirs = dirs or opd.teacher_dirs(cfg, names)
-    d = opd.resolve(cfg, "distill")
+    dirs = dirs or runs.teacher_dirs(cfg, names)
+    d = resolve(cfg, "distill")
     every = cfg.eval_every or 2
     for a, weight in NOISE_RUNS:
         c = dataclasses.replace(d, noise_level=a, sde_weight=weight, eval_every=every)
-        opd.distill(c, m, tasks, dirs, rank, world, name=f"noise/student-{noise_label(a, weight)}")
-    if rank != 0:  # rank 0 wrote the curves
+        opd.distill(c, model, tasks, dirs, f"noise/student-{noise_label(a, weight)}")
+    if rank_world()[0] != 0:  # rank 0 wrote the curves
         return
     res = {"eval_every": every, "levels": {}}
     for a, weight in NOISE_RUNS:
-        curve = held_out_curve(os.path.join(cfg.out, f"noise/student-{noise_label(a, weight)}"))
+        curve = reports.held_out_curve(os.path.join(cfg.out,
+                                                    f"noise/student-{noise_label(a, weight)}"))
         rounds = [s for s, _, _ in curve]
         gain = [sum(r[k] - curve[0][2][k] for k in names) / len(names) for _, _, r in curve]
         res["levels"][noise_label(a, weight)] = {
             "noise_level": a, "sde_weight": weight, "rounds": rounds,
             "held_out": [r for _, _, r in curve], "mean_gain": gain,
-            "rounds_to": rounds_to(rounds, gain)}
+            "rounds_to": reports.rounds_to(rounds, gain)}
     write_text(os.path.join(cfg.out, "noise.json"), json.dumps(res, indent=1))
     for label, r in res["levels"].items():
         say(0, f"{label}: rounds to 50/75/90% of the final gain "
                f"{'/'.join(str(v) for v in r['rounds_to'].values())} "
                f"(final mean gain {r['mean_gain'][-1]:+.3f})")
-    noise_figure(os.path.join(cfg.out, "noise.png"), res, names)
-
-
-def noise_figure(path, res, names):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.2))
-    for label, r in res["levels"].items():
-        name = f"a = {r['noise_level']}" + ("" if r["sde_weight"] == "kl" else ", 1/sigma^2")
-        style = "-" if r["sde_weight"] == "kl" else "--"
-        axes[0].plot(r["rounds"], r["mean_gain"], style, marker="o", label=name)
-        for ax, k in zip(axes[1:], names):
-            ax.plot(r["rounds"], [h[k] for h in r["held_out"]], style, marker=".", label=name)
-    axes[0].set_title("mean held-out gain over the base")
-    for ax, k in zip(axes[1:], names):
-        ax.set_title(f"held-out {k}")
-    for ax in axes:
-        ax.set_xlabel("distillation round")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-# ------------------------------------------------------------------------------ seeds
-def spread(xs):
-    """mean, sample standard deviation (0 for one value) and the values."""
-    mean = sum(xs) / len(xs)
-    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return {"mean": mean, "sd": sd, "values": xs}
-
-
-def paired(xs):
-    """spread() of paired differences plus the half-width of their 95% t-interval,
-    t_{0.975, n-1} sd / sqrt(n) (None for one seed): the interval excludes 0 when |mean| > it."""
-    from scipy.stats import t as student_t
-    d, n = spread(xs), len(xs)
-    d["ci95"] = float(student_t.ppf(0.975, n - 1)) * d["sd"] / n ** 0.5 if n > 1 else None
-    return d
-
-
-def pm(d, p=3):
-    """'mean ± sd' of a spread()."""
-    return f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
-
-
-def marked(d, p=3):
-    """pm() of a paired() difference, then ** when its 95% t-interval excludes 0, else * when it
-    has the same (non-zero) sign in every seed and |mean| > sd."""
-    same = len({x > 0 for x in d["values"]}) == 1 and all(x != 0 for x in d["values"])
-    star = " **" if d["ci95"] is not None and abs(d["mean"]) > d["ci95"] else \
-        " *" if same and abs(d["mean"]) > d["sd"] else ""
-    return pm(d, p) + star
-
-
-def compare_seeds(out, seeds, tasks):
-    """Over the seeds' eval.json (avg normalised within each seed's table; train time of the
-    whole method): every model's mean and spread, and OPD's paired difference to every other
-    model (per seed: OPD minus it). A difference whose sign is the same in every seed and whose
-    mean exceeds its sd is marked *, one whose 95% paired t-interval excludes 0 **. Writes
-    seeds.json and seeds.md."""
-    tables = [json.load(open(os.path.join(out, f"seed-{s}", "eval.json"))) for s in seeds]
-    models = [n for n in tables[0] if all(n in t for t in tables)]
-    cols = [*tasks, "avg"]
-    per = [{n: {**{k: t[n][k] for k in tasks}, "avg": opd.normalised_mean(t, tasks)[n],
-                "seconds": opd.method_seconds(t)[n]} for n in models} for t in tables]
-    summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds"]} for n in models}
-    diffs = {n: {k: paired([p["student"][k] - p[n][k] for p in per]) for k in cols}
-             for n in models if n != "student"}
-    lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
-             "| model | " + " | ".join(cols) + " | train time |", "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {n} | " + " | ".join(pm(summary[n][k]) for k in cols) +
-              (f" | {pm(summary[n]['seconds'], 0)} s |" if any(summary[n]["seconds"]["values"])
-               else " | - |") for n in models]
-    lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
-              "and |mean| > sd; ** : the 95% paired t-interval excludes 0):", "",
-              "| OPD minus | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(marked(d[k]) for k in cols) + " |"
-              for n, d in diffs.items()]
-    md = "\n".join(lines) + "\n"
-    write_text(os.path.join(out, "seeds.json"), json.dumps(
-        {"seeds": seeds, "models": summary, "opd_minus": diffs}, indent=1))
-    write_text(os.path.join(out, "seeds.md"), md)
-    print(md, flush=True)
-
-
-def noise_seeds(out, seeds):
-    """Over the seeds' noise.json: per run, mean and spread of the rounds to 50 / 75 / 90% of
-    the final gain (over the seeds where it was reached) and of the final gain; per SDE run, its
-    paired difference to the ODE run (the first) in rounds to 90% (over the seeds where both
-    reached it) and in final gain, marked as compare_seeds marks them."""
-    res = [json.load(open(os.path.join(out, f"seed-{s}", "noise.json"))) for s in seeds]
-    summary, ode, top = {}, next(iter(res[0]["levels"])), str(FRACTIONS[-1])
-    lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds; the last two columns are "
-             f"paired by seed, this run minus {ode} (* : the same sign in every seed and "
-             "|mean| > sd; ** : the 95% paired t-interval excludes 0).", "",
-             "| run | final mean gain | rounds to 50% | 75% | 90% | 90%, minus ODE | "
-             "final gain, minus ODE |", "|---|---|---|---|---|---|---|"]
-    for label in res[0]["levels"]:
-        runs = [r["levels"][label] for r in res]
-        gain = spread([r["mean_gain"][-1] for r in runs])
-        reach = {f: [r["rounds_to"][f] for r in runs] for f in runs[0]["rounds_to"]}
-        reach = {f: spread([x for x in v if x is not None]) if any(x is not None for x in v)
-                 else None for f, v in reach.items()}
-        summary[label] = {"final_mean_gain": gain, "rounds_to": reach}
-        rel = ["-", "-"]
-        if label != ode:  # paired with the ODE run, seed by seed
-            lv = [(r["levels"][label], r["levels"][ode]) for r in res]
-            both = [x["rounds_to"][top] - y["rounds_to"][top] for x, y in lv
-                    if x["rounds_to"][top] is not None and y["rounds_to"][top] is not None]
-            vs = summary[label][f"minus_{ode}"] = {
-                f"rounds_to_{top}": paired(both) if both else None,
-                "final_mean_gain": paired([x["mean_gain"][-1] - y["mean_gain"][-1] for x, y in lv])}
-            rel = [marked(vs[f"rounds_to_{top}"], 1) + f" (n {len(both)})" if both else "-",
-                   marked(vs["final_mean_gain"])]
-        cell = lambda d: f"{d['mean']:.1f} ± {d['sd']:.1f} (n {len(d['values'])})" if d else "-"
-        lines.append(f"| {label} | {gain['mean']:+.3f} ± {gain['sd']:.3f} | " +
-                     " | ".join([cell(d) for d in reach.values()] + rel) + " |")
-    md = "\n".join(lines) + "\n"
-    write_text(os.path.join(out, "seeds.json"), json.dumps({"seeds": seeds, "runs": summary},
-                                                            indent=1))
-    write_text(os.path.join(out, "seeds.md"), md)
-    print(md, flush=True)
+    reports.noise_figure(os.path.join(cfg.out, "noise.png"), res, names)
 
 
 # ------------------------------------------------------------------------------ main
 def run(cfg):
     stages = {"compare": ["teacher", "distill", "eval"], "noise": ["distill", "eval"],
               "distill": ["distill"]}.get(cfg.stage, ["teacher"])
-    opd.preflight(cfg, stages)
+    runs.preflight(cfg, stages)
     if cfg.stage in ("joint", "cascade"):
         rl_config(cfg, cfg.stage)
-    m, tasks, rank, world = opd.setup(cfg, stages[0])
+    model, tasks = runs.setup(cfg, stages[0])
     if cfg.stage == "distill":
-        return student(cfg, m, tasks, opd.teacher_dirs(cfg, [t.name for t in tasks]), rank, world)
+        return student(cfg, model, tasks, runs.teacher_dirs(cfg, [t.name for t in tasks]))
     stage = {"joint": joint, "cascade": cascade, "compare": compare, "noise": noise}[cfg.stage]
     if not cfg.seeds:
-        return stage(cfg, m, tasks, rank, world)
+        return stage(cfg, model, tasks)
     seeds, names = [int(s) for s in cfg.seeds.split(",")], [t.name for t in tasks]
     for s in seeds:  # noise: the run's teachers for every seed (only OPD's seed varies)
         c = dataclasses.replace(cfg, seed=s, out=os.path.join(cfg.out, f"seed-{s}"))
-        extra = {"dirs": opd.teacher_dirs(cfg, names)} if cfg.stage == "noise" else {}
-        stage(c, m, tasks, rank, world, **extra)
-    if rank == 0:
-        compare_seeds(cfg.out, seeds, names) if cfg.stage == "compare" else \
-            noise_seeds(cfg.out, seeds)
+        extra = {"dirs": runs.teacher_dirs(cfg, names)} if cfg.stage == "noise" else {}
+        stage(c, model, tasks, **extra)
+    if rank_world()[0] == 0:
+        if cfg.stage == "compare":
+            reports.compare_seeds(cfg.out, seeds, names)
+        else:
+            reports.noise_seeds(cfg.out, seeds)
+
+
+def parse_args(argv=None):
+    return parse_config(argv, Args, "the paper's baselines: see baselines.py")
 
 
 def main(argv=None):
-    cli(lambda a: run(opd.parse_config(a, Args, "the paper's baselines: see baselines.py")), argv)
+    cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -23,24 +23,27 @@ import dataclasses
 import json
 import os
 import time
+import types
 
 import torch
 
 import opd
-import prompts
-import sd3
-from machinery import Timer, compile_model, dist_setup, main as cli, quiet_hf, say, write_text
-from options import FLAG, arg, num, one_of
+from opd_support import prompts, runs, sd3
+from opd_support.checkpoints import write_text
+from opd_support.config import Config, parse_config, parse_steps, resolve
+from opd_support.machinery import Timer, chunks, compile_model, dist_setup, main as cli, quiet_hf, rng, say
+from opd_support.options import FLAG, arg, num, one_of
 
 
 @dataclasses.dataclass
-class Args(opd.Config):
+class Args(Config):
     stage: str = arg("bench", one_of("bench"), "bench")
-    steps: int = arg(3, num(int, 1), "timed rounds of each kind")
+    rounds: int = arg(3, num(int, 1), "timed rounds of each kind")
     device: str = arg("auto", one_of("auto", "cpu", "cuda", "meta"), "meta: count shapes only")
     peak_tflops: float = arg(0, num(float, 0), "the device's peak bf16 TFLOP/s (0: a known GPU's)")
     gpu_check: bool = arg(False, FLAG, "every stage at the paper's per-GPU batch (gpu_check)")
 
+ONE_PROCESS = types.SimpleNamespace(rank=0, world=1)  # for opd.rl_sample outside a run
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of GPUs by name; --peak_tflops for others
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H20", 148), ("GH200", 989), ("B200", 2250),
                ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A10G", 70), ("A10", 125),
@@ -87,7 +90,7 @@ def round_flops(cfg, tr_config, vae_scale, n_tasks, world):
     cfg_x = 2 if cfg.guidance != 1 else 1
     n_img = (cfg.resolution // vae_scale // c["patch_size"]) ** 2
     lin, att = transformer_flops(c, b * cfg_x, n_img, 77 + cfg.max_seq_len)
-    T, N = len(opd.parse_steps(cfg.train_steps, cfg.num_steps)), cfg.num_steps
+    T, N = len(parse_steps(cfg.loss_steps, cfg.sampler_steps)), cfg.sampler_steps
     fwd, bwd = lin + att, lin + 2 * att
     per_task = {False: N * fwd + T * fwd + T * bwd, True: (N + T) * fwd + T * fwd + T * bwd}
     return {k: v * n_tasks for k, v in per_task.items()}
@@ -183,7 +186,23 @@ def peak_tflops(cfg, device):
     return None
 
 
-def bench(cfg, m, tasks, rank, world):
+def one_round(cfg, model, tasks, teacher_of, r=0):
+    """One distillation round as opd.distill runs it (every task, its micro-batches, fused or
+    --two_pass), its gradient left in the student's weights; teacher_of(task) -> the adapter
+    supervising it (None: the base)."""
+    sampler, world = opd.sampler_of(cfg), runs.rank_world()[1]
+    trajectory = opd.distill_trajectory if cfg.two_pass else opd.distill_trajectory_fused
+    for i, task in enumerate(tasks):  # rank 0's share of the round's prompts
+        prompts_ = prompts.draw_prompts(cfg, task, r, i, cfg.batch_size)[:cfg.batch_size // world]
+        g = rng(cfg.seed, "rollout", i, 0, step=r)
+        for s in chunks(len(prompts_), cfg.micro_batch):
+            ps = prompts_[s]
+            student = model.velocity("student", ps, cfg.guidance)
+            teacher = model.velocity(teacher_of(task), ps, cfg.guidance)
+            trajectory(student, teacher, model.noise(len(ps), g), sampler, g, len(ps) / len(prompts_))
+
+
+def bench(cfg, m, tasks, world):
     """`python bench.py` (one process): peak memory of a round with one adapter alone and with M
     teacher adapters; seconds per round, fused against --two_pass, alternating after a warm-up
     each; model FLOPs and TFLOP/s (MFU on a GPU); bytes saved for backward by one trained step,
@@ -200,8 +219,7 @@ def bench(cfg, m, tasks, rank, world):
             p.grad = None
         m.active, tm = "?", Timer(m.device)
         with tm("round"):
-            opd.distill_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, step, rank, world,
-                              teacher_of, {t.name: cfg.guidance for t in tasks})
+            one_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, teacher_of, step)
         return tm.t["round"]
     with peak_memory(m.device) as alone:
         round_s(lambda t: None)
@@ -216,7 +234,7 @@ def bench(cfg, m, tasks, rank, world):
     with peak_memory(m.device) as multi:
         round_s(lambda t: f"teacher-{t.name}")
     times = {False: [], True: []}
-    for r in range(2 * cfg.steps + 2):  # alternate; the first round of each is a warm-up
+    for r in range(2 * cfg.rounds + 2):  # alternate; the first round of each is a warm-up
         dt = round_s(lambda t: f"teacher-{t.name}", bool(r % 2), step=r)
         if r >= 2:
             times[bool(r % 2)].append(dt)
@@ -224,7 +242,7 @@ def bench(cfg, m, tasks, rank, world):
     flops = round_flops(cfg, m.tr.config, m.pipe.vae_scale_factor, len(tasks), world)
     peak = peak_tflops(cfg, m.device)
     res = {"model": cfg.model, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "tasks": len(tasks),
-           "rounds_each": cfg.steps, "device": str(m.device) if m.device.type == "cpu" else torch.cuda.get_device_name(m.device),
+           "rounds_each": cfg.rounds, "device": str(m.device) if m.device.type == "cpu" else torch.cuda.get_device_name(m.device),
            "round_s_fused": round(fused, 4), "round_s_two_pass": round(two, 4), "two_pass_over_fused": round(two / fused, 3),
            "round_tflop_fused": flops[False] / 1e12, "round_tflop_two_pass": flops[True] / 1e12,
            "tflops_fused": flops[False] / fused / 1e12, "tflops_two_pass": flops[True] / two / 1e12,
@@ -238,8 +256,8 @@ def bench(cfg, m, tasks, rank, world):
     if cfg.compile:
         res.update(compiled(cfg, m, tasks, round_s))
     sd3.drop_adapters(m)
-    if rank == 0:
-        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.num_steps} steps "
+    if runs.rank_world()[0] == 0:
+        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.sampler_steps} steps "
                    f"({res['device']}): round fused {fused:.3f}s, two-pass {two:.3f}s (x{two / fused:.2f}); "
                    f"{flops[False] / 1e12:.3g} TFLOP a fused round = {res['tflops_fused']:.3g} TFLOP/s" +
                 (f" = {100 * res['mfu_fused']:.1f}% of {peak} (MFU)" if peak else "") +
@@ -268,7 +286,7 @@ def compiled(cfg, m, tasks, round_s):
     round_s(lambda t: f"teacher-{t.name}")  # compiles
     round_s(lambda t: f"teacher-{t.name}", True)
     warm = time.perf_counter() - t0
-    times = [round_s(lambda t: f"teacher-{t.name}", step=r) for r in range(cfg.steps)]
+    times = [round_s(lambda t: f"teacher-{t.name}", step=r) for r in range(cfg.rounds)]
     with torch.no_grad():
         diff = (m.velocity("student", prompts, cfg.guidance)(x, 0.5) - eager).abs().max().item()
     return {"compile_warmup_s": round(warm, 2), "round_s_fused_compiled": round(sum(times) / len(times), 4),
@@ -339,7 +357,7 @@ def count(cfg, rank=0):
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     rows, M = {}, len(cfg.tasks.split(","))
     for stage in ("distill", "teacher"):
-        c = opd.resolve(dataclasses.replace(cfg, device="cpu", steps=None), stage)
+        c = resolve(dataclasses.replace(cfg, device="cpu", optim_steps=None), stage)
         with torch.device("meta"):
             tr.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=c.lora_targets.split(",")),
                            adapter_name=stage)
@@ -422,7 +440,7 @@ def profile_round(m, cfg, tasks, teacher_of):
     cuda = m.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        opd.distill_round(cfg, m, tasks, 0, 0, 1, teacher_of, {t.name: cfg.guidance for t in tasks})
+        one_round(cfg, m, tasks, teacher_of)
     rows = prof.key_averages()
     key = (lambda r: r.self_device_time_total) if cuda else (lambda r: r.self_cpu_time_total)
     count = lambda names: sum(r.count for r in rows if r.key in names)
@@ -449,8 +467,8 @@ def gpu_check(cfg):
     TFLOP/s and MFU; then a profile of one fused round. Writes <out>/gpu_check.json and .md."""
     import platform
     rank, world, device = dist_setup(cfg.device)
-    base = dataclasses.replace(cfg, tasks="color,position,jpeg", compile=False, steps=None)
-    c = opd.resolve(dataclasses.replace(base, batch_size=3, micro_batch=3), "distill")
+    base = dataclasses.replace(cfg, tasks="color,position,jpeg", compile=False, optim_steps=None)
+    c = resolve(dataclasses.replace(base, batch_size=3, micro_batch=3), "distill")
     tasks = [prompts.make_task(n, c, device) for n in c.tasks.split(",")]
     m = sd3.SD3(sd3.load_pipeline(c, device), c, device)
     peak, rows = peak_tflops(cfg, device), []
@@ -470,7 +488,7 @@ def gpu_check(cfg):
                     p.grad = None
                 m.active = "?"
                 with measured(m, peak) as r:
-                    opd.distill_round(rc, m, tasks, 0, 0, 1, teacher_of, {t.name: c.guidance for t in tasks})
+                    one_round(rc, m, tasks, teacher_of)
             rows.append({"stage": "distill " + ("two-pass" if two_pass else "fused"),
                          "checkpointing": ckpt, "batch": f"3 x {len(tasks)} tasks, CFG",
                          "samples": 3 * len(tasks), **r})
@@ -478,7 +496,7 @@ def gpu_check(cfg):
     sd3.drop_adapters(m)
     m.tr.enable_gradient_checkpointing()
     for algo in ("grpo_guard", "nft"):
-        rc = opd.resolve(dataclasses.replace(base, algo=algo, batch_size=9, micro_batch=9,
+        rc = resolve(dataclasses.replace(base, algo=algo, batch_size=9, micro_batch=9,
                                              updates_per_epoch=1, group_size=9,
                                              grad_checkpointing=True), "teacher")
         if algo == "nft":
@@ -488,8 +506,11 @@ def gpu_check(cfg):
         for _ in range(2):  # a warm-up, then the measured update
             m.active = "?"
             with measured(m, peak) as r:
-                batches, _ = opd.rl_sample(rc, m, tasks[:1], 0, 0, 1)
-                opd.rl_backward(rc, m, batches, torch.arange(9), 0, 0, 1)
+                samples, _ = opd.rl_sample(rc, m, tasks[:1], 0, ONE_PROCESS)
+                if algo == "grpo_guard":
+                    opd.grpo_guard_update(rc, m, samples, torch.arange(9))
+                else:
+                    opd.nft_update(rc, m, samples, torch.arange(9), 0)
                 opt.step(); opt.zero_grad(set_to_none=True)
         rows.append({"stage": f"{algo} update", "checkpointing": True,
                      "batch": "9" + (", CFG" if rc.guidance != 1 else ", CFG-free"), "samples": 9, **r})
@@ -521,17 +542,24 @@ def gpu_check(cfg):
 
 # ------------------------------------------------------------------------------ main
 def run(cfg):
+    for stage in ("distill", "teacher"):  # every option against its rule, before anything runs
+        resolve(dataclasses.replace(cfg, device="cpu" if cfg.device == "meta" else cfg.device),
+                stage)
     if cfg.device == "meta":  # these resolve each stage's config themselves
         return count(cfg)
     if cfg.gpu_check:
         return gpu_check(cfg)
-    c = opd.resolve(cfg, "distill")
-    m, tasks, rank, world = opd.setup(dataclasses.replace(c, compile=False), "distill")
-    return bench(c, m, tasks, rank, world)
+    c = resolve(cfg, "distill")
+    m, tasks = runs.setup(dataclasses.replace(c, compile=False), "distill")
+    return bench(c, m, tasks, runs.rank_world()[1])
+
+
+def parse_args(argv=None):
+    return parse_config(argv, Args, "the bench: see bench.py")
 
 
 def main(argv=None):
-    cli(lambda a: run(opd.parse_config(a, Args, "the bench: see bench.py")), argv)
+    cli(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the network
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SMALL = ["--batch_size", "8", "--group_size", "4", "--num_steps", "4", "--save_every", "1",
+SMALL = ["--batch_size", "8", "--group_size", "4", "--sampler_steps", "4", "--save_every", "1",
          "--tasks", "color"]
 
 
@@ -42,7 +42,7 @@ def one_line_error(r, needle):
 
 def lora(run_dir):
     from safetensors.torch import load_file
-    from machinery import LORA_FILE
+    from opd_support.loras import LORA_FILE
     return load_file(os.path.join(run_dir, LORA_FILE))
 
 
@@ -71,9 +71,8 @@ def randomise(tr, name, seed):
 
 @pytest.fixture(scope="session")
 def tiny_sd3():
-    import opd
-    import sd3
-    cfg = opd.resolve(opd.parse_config(["--num_steps", "4"]), "distill")
+    from opd_support import config, sd3
+    cfg = config.resolve(config.parse_config(["--sampler_steps", "4"]), "distill")
     dev = torch.device("cpu")
     return sd3.SD3(sd3.load_pipeline(cfg, dev), cfg, dev), cfg
 
@@ -81,5 +80,5 @@ def tiny_sd3():
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("t"))
-    ok(run("--stage", "teacher", "--steps", "2", *SMALL, "--out", out))
+    ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", out))
     return os.path.join(out, "teacher-color")

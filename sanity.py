@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from opd import (distill_trajectory, group_advantages, grpo_loss, opd_loss, rollout,
-                 sd3_sigmas, sde_step, step_loss, transition)
+from opd import (Sampler, bcast, clipped_loss, distill_trajectory, group_advantages, log_ratio,
+                 rollout, step_loss, transition)
+from opd_support.sd3 import sd3_sigmas
 
 N_PROMPTS = 12  # 4 prompts per task
 # samples far off the ring earn nothing (else "upper" is won by flying off to y = +inf)
@@ -112,9 +113,10 @@ def grpo_update(model, opt, task_prompts, g, group=16, noise_level=0.7, clip=1e-
     for j in range(N):
         mu, _ = transition(traj["states"][:, j], model(traj["states"][:, j], SIGMAS[j], p),
                            SIGMAS[j], SIGMAS[j + 1], noise_level)
-        loss = grpo_loss(mu, traj["means"][:, j], traj["states"][:, j + 1], traj["stds"][:, j],
-                         SIGMAS[j + 1] - SIGMAS[j], adv, clip)[0].mean() / N
-        loss.backward()
+        ratio = log_ratio(mu, traj["means"][:, j], traj["states"][:, j + 1], traj["stds"][:, j]).exp()
+        # GRPO-Guard: RatioNorm's ratio, the clipped loss divided by |dt_j|
+        loss = clipped_loss(ratio, adv, clip) / abs(float(SIGMAS[j + 1] - SIGMAS[j]))
+        (loss.mean() / N).backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return rewards.mean().item()
@@ -137,7 +139,7 @@ def opd(base, teachers, rounds, seed, noise_level=0.0, lr=1e-3, batch=256, log_e
     student = copy.deepcopy(base)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    train_steps = list(range(len(SIGMAS) - 2))
+    sampler = Sampler(SIGMAS, noise_level)  # loss on steps 0..N-2
     curve = []
     for r in range(rounds + 1):
         if log_every and r % log_every == 0:
@@ -149,8 +151,7 @@ def opd(base, teachers, rounds, seed, noise_level=0.0, lr=1e-3, batch=256, log_e
             ids = torch.tensor(TASKS[task][0])
             p = ids[torch.randint(0, len(ids), (batch,), generator=g)]
             distill_trajectory(vel(student, p), vel(teacher, p), torch.randn(batch, 2, generator=g),
-                               SIGMAS, noise_level, train_steps, backward=lambda l: l.backward(),
-                               generator=g)
+                               sampler, g)
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
     return student, curve
@@ -173,8 +174,9 @@ def part_grad(base, teacher, quick):
         v_s = functional_call(base, prm, (x, t, p[: len(x)]))
         with torch.no_grad():
             mu_t, _ = transition(x, teacher(x, t, p[: len(x)]), t, t_next, a)
-        x_next, mu_s, std = sde_step(x, v_s, t, t_next, a, noise=eps)
-        return step_loss(mu_s, mu_t, std, x_next, kind).mean()
+        mu_s, std = transition(x, v_s, t, t_next, a)
+        x_next = mu_s + bcast(std, mu_s) * eps  # the step taken, with this draw's noise
+        return step_loss(mu_s, mu_t, std, x_next, t_next - t, Sampler(SIGMAS, a, loss=kind)).mean()
 
     # dict of gradients -> one vector (or one row per draw when batched by vmap)
     flat = lambda gr, b=False: torch.cat([v.flatten(int(b)) for v in gr.values()], -1)
@@ -213,8 +215,10 @@ def part_grad(base, teacher, quick):
                 v_s = functional_call(base, prm, (xs, SIGMAS[jj], pr))
                 with torch.no_grad():
                     mu_t, _ = transition(xs, teacher(xs, SIGMAS[jj], pr), SIGMAS[jj], SIGMAS[jj + 1], a)
-                x_next, mu_s, std = sde_step(xs, v_s, SIGMAS[jj], SIGMAS[jj + 1], a, noise=eps[jj][None])
-                tot = tot + step_loss(mu_s, mu_t, std, x_next, kind).sum()
+                mu_s, std = transition(xs, v_s, SIGMAS[jj], SIGMAS[jj + 1], a)
+                x_next = mu_s + bcast(std, mu_s) * eps[jj][None]
+                tot = tot + step_loss(mu_s, mu_t, std, x_next, SIGMAS[jj + 1] - SIGMAS[jj],
+                                      Sampler(SIGMAS, a, loss=kind)).sum()
             return tot
         vc = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps, "closed"), True).var(0).sum()
         vp = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps, "ppo"), True).var(0).sum()

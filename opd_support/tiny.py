@@ -69,7 +69,7 @@ def build_offline(kind, seed=0):
     kind 'tiny': ~0.1M-param transformer, 2x-downsampling VAE (runs on CPU in seconds).
     kind 'sd35m-random': SD3.5-Medium's published transformer config (~2.5B params) with tiny
     text encoders of the real widths and a tiny VAE: speed and memory of the real transformer."""
-    from machinery import quiet_hf
+    from opd_support.machinery import quiet_hf
     quiet_hf()
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 import rewards
-import tiny
-from machinery import LORA_FILE
 from conftest import HERE, one_line_error, run
+from opd_support import tiny
+from opd_support.loras import LORA_FILE
 
 
 @pytest.mark.parametrize("task", ["ocr", "geneval", "aesthetic"])
 def test_real_tasks_run_with_built_in_prompts(task, tmp_path):
     """No --prompts: the built-in sets. OCR (rapidocr ships its models) trains on the tiny model;
     GenEval and the aesthetic mix need downloads and stop at once with one line naming a model."""
-    r = run("--task", task, "--stage", "teacher", "--steps", "2", "--batch_size", "4", "--group_size", "2",
-            "--num_steps", "3", "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    r = run("--task", task, "--stage", "teacher", "--optim_steps", "2", "--batch_size", "4", "--group_size", "2",
+            "--sampler_steps", "3", "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     if task == "ocr":
         assert r.returncode == 0, r.stderr[-2000:]
         assert os.path.isfile(tmp_path / "o" / "teacher-ocr" / LORA_FILE)
@@ -356,7 +356,7 @@ def test_geneval_export_is_read_as_geneval_reads_it(tmp_path):
 
 
 def test_built_in_prompt_sets():
-    import prompts
+    from opd_support import prompts
     train, test, meta = prompts.builtin("geneval")
     assert len(train) > 2000 and len(test) > 100 and not set(train) & set(test)
     tags = {meta[p]["tag"] for p in train + test}
@@ -469,6 +469,6 @@ def test_imagereward_checkpoint_on_transformers_blip(tmp_path):
 
 
 def test_prompt_sets_piped_into_head_end_quietly():
-    r = subprocess.run(f"{sys.executable} prompts.py ocr train | head -3", shell=True, cwd=HERE,
+    r = subprocess.run(f"{sys.executable} -m opd_support.prompts ocr train | head -3", shell=True, cwd=HERE,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3 and r.stderr == "", r.stderr

@@ -9,9 +9,10 @@ import torch
 
 import baselines
 import bench
-import machinery
 import opd
 from conftest import SMALL, ok, one_line_error, run, tree
+from opd_support import config, runs
+from opd_support.loras import LORA_FILE
 
 
 def _main(args, capsys, monkeypatch, script=opd):
@@ -20,7 +21,7 @@ def _main(args, capsys, monkeypatch, script=opd):
     code, stderr lines)."""
     def reached(*a, **k):
         raise AssertionError(f"the checks let {args} through to the model")
-    monkeypatch.setattr(opd, "dist_setup", reached)
+    monkeypatch.setattr(runs, "dist_setup", reached)
     monkeypatch.setattr(bench, "dist_setup", reached)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -29,7 +30,7 @@ def _main(args, capsys, monkeypatch, script=opd):
 
 
 # texts whose domain is a check function: values it must refuse (the other kinds' are derived)
-MALFORMED = {"reward": ["bogus", "color:-1"], "train_steps": ["x", "9-3", "0,99"],
+MALFORMED = {"reward": ["bogus", "color:-1"], "loss_steps": ["x", "9-3", "0,99"],
              "nft_decay": ["x", "1,2", "0,0.1,1.5"], "lora_targets": [",", ""], "seeds": ["x", "0,0", "1,", "-1"]}
 
 
@@ -58,13 +59,13 @@ def outside(name, rule):
     return []
 
 
-SCRIPTS = [(opd, opd.Config), (baselines, baselines.Args), (bench, bench.Args)]
+SCRIPTS = [(opd, config.Config), (baselines, baselines.Args), (bench, bench.Args)]
 
 
 def _fields():
     """(script, field, value outside its domain): every field of opd.py, and the fields that
     baselines.py and bench.py declare anew."""
-    base = {f.name: f for f in dataclasses.fields(opd.Config)}
+    base = {f.name: f for f in dataclasses.fields(config.Config)}
     return [pytest.param(script, f.name, bad, id=f"{script.__name__}-{f.name}-{bad}")
             for script, cls in SCRIPTS for f in dataclasses.fields(cls)
             if script is opd or f.name not in base or f is not base[f.name]
@@ -99,12 +100,12 @@ def test_out_of_domain_value_is_one_line_exit_2(script, name, bad, tmp_path, cap
     (baselines, ["--stage", "distill", "--loss", "sft", "--noise_level", "0.7"], "must be 0"),
     (baselines, ["--stage", "distill", "--loss", "dance", "--two_pass"], "--two_pass applies"),
     (baselines, ["--stage", "joint", "--batch_size", "8", "--group_size", "3"], "not a multiple"),
-    (opd, ["--stage", "teacher", "--steps", "3"], "not a multiple of --updates_per_epoch"),
+    (opd, ["--stage", "teacher", "--optim_steps", "3"], "not a multiple of --updates_per_epoch"),
     (opd, ["--stage", "distill", "--sde_weight", "sigma"], "--noise_level 0 has none"),
     (baselines, ["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--sde_weight", "sigma"], "--sde_weight applies"),
     (baselines, ["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--batch_size", "1"], "at least 2"),
     (baselines, ["--stage", "distill", "--seeds", "0,1"], "--seeds applies"),
-    (opd, ["--stage", "distill", "--train_steps", "3-12"], "must lie in 0..9"),
+    (opd, ["--stage", "distill", "--loss_steps", "3-12"], "must lie in 0..9"),
     (opd, ["--resume", "--overwrite"], "contradict"),
     (opd, ["--resolution", "30"], "multiple of 4"),
     (opd, ["--model", "sd35m-random", "--resolution", "520"], "multiple of 16"),
@@ -161,15 +162,15 @@ def test_bad_input_through_the_command_line(args, needle, tmp_path):
 
 def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
     out = str(tmp_path / "o")
-    assert run("--stage", "teacher", "--steps", "2", *SMALL, "--out", out).returncode == 0
-    os.remove(os.path.join(out, "teacher-color", machinery.LORA_FILE))  # now an unfinished run
+    assert run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", out).returncode == 0
+    os.remove(os.path.join(out, "teacher-color", LORA_FILE))  # now an unfinished run
     before = tree(out)
     for extra, needle in [(["--resume", "--lora_rank", "8"], "--lora_rank 32"),
                           (["--resume", "--lora_alpha", "16"], "--lora_alpha 64"),
                           (["--resume", "--lora_targets", "to_q,to_v"], "was trained with --lora_targets to_q,to_k"),
                           (["--resume", "--model", "sd35m-random"], "--model tiny"),
                           ([], "--resume")]:
-        r = run("--stage", "teacher", "--steps", "2", *SMALL, "--out", out, *extra)
+        r = run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", out, *extra)
         one_line_error(r, needle)
     assert tree(out) == before
 
@@ -180,7 +181,7 @@ def test_more_bad_inputs(tmp_path, teacher_dir):
     bad.mkdir()  # a LoRA whose shapes fit another model
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 96),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(96, 4)},
-              str(bad / machinery.LORA_FILE))
+              str(bad / LORA_FILE))
     out = str(tmp_path / "o")
     cases = [(["--stage", "distill", "--teachers", f"color={bad}"], "does not fit"),
              (["--stage", "teacher", "--batch_size", "8", "--group_size", "4"], "does not divide across 3 ranks")]
@@ -196,6 +197,6 @@ def test_noise_without_teachers_stops_before_the_model(tmp_path):
     out = str(tmp_path / "o")
     for seeds in ([], ["--seeds", "0,1"]):
         r = run("--stage", "noise", *seeds, "--out", out, script="baselines.py", timeout=120)
-        one_line_error(r, f"no LoRA at {os.path.join(out, 'teacher-color', machinery.LORA_FILE)}")
+        one_line_error(r, f"no LoRA at {os.path.join(out, 'teacher-color', LORA_FILE)}")
         assert f"--out {out}`" in r.stderr and "config:" not in r.stdout
     assert not os.path.exists(out)

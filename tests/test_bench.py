@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import bench
-import tiny
+from opd_support import tiny
 from conftest import ok, run
 
 
 def test_bench_prints_flops_saved_bytes_and_memory(tmp_path):
-    r = run("--steps", "1", "--batch_size", "4", "--num_steps", "3", "--tasks", "color,jpeg",
+    r = run("--rounds", "1", "--batch_size", "4", "--sampler_steps", "3", "--tasks", "color,jpeg",
             "--out", str(tmp_path), script="bench.py")
     assert r.returncode == 0, r.stderr[-2000:]
     b = json.load(open(tmp_path / "bench.json"))
@@ -73,9 +73,8 @@ def test_counted_flops_equal_the_round_formula(tiny_sd3):
     """The per-forward count of the GPU check (a hook on the transformer) against round_flops's
     closed count of a distillation round, fused and two-pass (2 tasks, CFG 4.5)."""
     import dataclasses
-    import opd
-    import prompts
-    import sd3
+
+    from opd_support import prompts, sd3
     m, cfg = tiny_sd3
     cfg = dataclasses.replace(cfg, tasks="color,jpeg", batch_size=2, micro_batch=0)
     tasks = [prompts.make_task(n, cfg) for n in ("color", "jpeg")]
@@ -83,8 +82,8 @@ def test_counted_flops_equal_the_round_formula(tiny_sd3):
     try:
         for two_pass in (False, True):
             with bench.counted_flops(m.tr) as f:
-                opd.distill_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks, 0, 0, 1,
-                                  lambda t: None, {"color": 4.5, "jpeg": 4.5})
+                bench.one_round(dataclasses.replace(cfg, two_pass=two_pass), m, tasks,
+                                lambda t: None)
             formula = bench.round_flops(cfg, dict(m.tr.config), m.pipe.vae_scale_factor, 2, 1)
             assert f["tflop"] * 1e12 == pytest.approx(formula[two_pass], rel=1e-9)
     finally:
@@ -94,7 +93,7 @@ def test_counted_flops_equal_the_round_formula(tiny_sd3):
 def test_gpu_check_runs_on_cpu_through_the_same_code(tmp_path):
     """`python bench.py --gpu_check`, here on the tiny model and the CPU: every stage measured,
     one JSON and one markdown table, and the round's operator profile."""
-    ok(run("--gpu_check", "--model", "tiny", "--num_steps", "3", "--out", str(tmp_path),
+    ok(run("--gpu_check", "--model", "tiny", "--sampler_steps", "3", "--out", str(tmp_path),
            script="bench.py"))
     res = json.load(open(tmp_path / "gpu_check.json"))
     stages = [(s["stage"], s["checkpointing"]) for s in res["stages"]]

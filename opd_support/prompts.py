@@ -22,7 +22,8 @@ import zlib
 
 import torch
 
-from options import UserError
+from opd_support.machinery import rng
+from opd_support.options import UserError
 
 TOY_TASKS = ("color", "position", "jpeg")
 REAL_TASKS = {  # task -> (training reward, evaluation reward)
@@ -45,7 +46,7 @@ def make_task(name, cfg, device="cpu"):
     train prompt that is also a test prompt is dropped) and rewards, loaded now, so that missing
     weights stop a run before it trains."""
     import rewards
-    import tiny
+    from opd_support import tiny
     if name in TOY_TASKS:
         (train, test), meta = tiny.toy_prompts(name), {}
     elif cfg.prompts:
@@ -74,6 +75,19 @@ def make_task(name, cfg, device="cpu"):
     except (ValueError, rewards.RewardError) as e:  # a bad spec, prompt or missing weights
         raise UserError(str(e)) from None
     return Task(name, train, test, reward, meta, eval_reward)
+
+
+def score(task, images, prompts, evaluation=False):
+    """The task's reward (its reported metric when evaluation) of images for their prompts."""
+    fn = task.eval_reward if evaluation and task.eval_reward is not None else task.reward
+    return fn(images, prompts, [task.meta.get(p, {}) for p in prompts]).float().cpu()
+
+
+def draw_prompts(cfg, task, step, index, n):
+    """n train prompts of the task with this index at an optimizer step: the same on every rank,
+    a function of (seed, step), so that a resumed run draws what an uninterrupted one would."""
+    idx = torch.randint(len(task.train), (n,), generator=rng(cfg.seed, "prompts", index, step=step))
+    return [task.train[i] for i in idx]
 
 
 def read(path):

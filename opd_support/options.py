@@ -13,6 +13,10 @@ class UserError(Exception):
     """Bad input: the entry points print the message as one line and exit with code 2."""
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after writing its checkpoint: one line, exit code 75."""
+
+
 @dataclasses.dataclass
 class Rule:
     """kind: num | choice | names | pairs | text | file | folder | flag; domain: the kind's
@@ -100,10 +104,17 @@ def arg(default, rule, help):
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule})
 
 
-def parse(cls, argv=None, description="", default_of=None):
+def parse(cls, argv=None, description="", default_of=None, renamed=None):
     """The command line -> cls: every value is parsed by its field's Rule, so a bad one is one
     UserError naming the option, the value and the domain. default_of(name) -> the words --help
-    shows for a field whose default is None (it depends on the stage)."""
+    shows for a field whose default is None (it depends on the stage); renamed: {old name: new
+    name} of options renamed, whose old name is one UserError naming the new one."""
+    import sys
+    for a in sys.argv[1:] if argv is None else argv:
+        old = a[2:].partition("=")[0] if a.startswith("--") else None
+        if old in (renamed or {}):
+            raise UserError(f"--{old} is now --{renamed[old]}")
+
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # argparse would print its usage and exit: one line instead
             raise UserError(message)

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-import machinery
 from conftest import HERE, SMALL, lora, max_diff, ok, run, torchrun
+from opd_support import machinery
+from opd_support.loras import LORA_FILE
 
 
 @pytest.mark.parametrize("stage", ["teacher", "dmd"])
@@ -19,7 +20,7 @@ def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
     rounds would differ. ("distill", the plain OPD student, runs the same loop with one.)"""
     import signal
     import time
-    args = ["--stage", "teacher" if stage == "teacher" else "distill", "--steps", "6", *SMALL]
+    args = ["--stage", "teacher" if stage == "teacher" else "distill", "--optim_steps", "6", *SMALL]
     if stage != "teacher":
         args += ["--teachers", f"color={teacher_dir}"]
     if stage == "dmd":
@@ -33,7 +34,7 @@ def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
     while p.poll() is None and not os.path.isdir(os.path.join(b, sub, "ckpt-0000002")):
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL); p.wait()
-    assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(b, sub, machinery.LORA_FILE))
+    assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(b, sub, LORA_FILE))
     # a checkpoint cut off mid-write (no state.pt) and a temporary folder are ignored on resume
     os.makedirs(os.path.join(b, sub, "ckpt-0000099")); open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
     os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1")); open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
@@ -45,7 +46,7 @@ def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
 
 
 def test_same_seed_same_weights_other_seed_not(tmp_path):
-    args = ["--stage", "teacher", "--steps", "2", *SMALL]
+    args = ["--stage", "teacher", "--optim_steps", "2", *SMALL]
     outs = [str(tmp_path / n) for n in "abc"]
     for o, seed in zip(outs, ["0", "0", "1"]):
         assert run(*args, "--seed", seed, "--out", o).returncode == 0
@@ -92,12 +93,12 @@ def test_non_finite_steps_are_skipped_then_abort():
 
 def test_torchrun_two_ranks_stay_identical(tmp_path):
     out = str(tmp_path / "o")
-    r = torchrun("--stage", "all", "--steps", "2", *SMALL, "--eval_steps", "4", "--eval_prompts", "2", "--out", out)
+    r = torchrun("--stage", "all", "--optim_steps", "2", *SMALL, "--eval_sampler_steps", "4", "--eval_prompts", "2", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ranks in sync") == 2  # teacher and student, checked by comparing the weights
     assert set(json.load(open(os.path.join(out, "eval.json")))) == {"base", "teacher-color", "student"}
     # DMD's second trained adapter (the fake score) is averaged over the ranks too
-    r = torchrun("--stage", "distill", "--loss", "dmd", "--steps", "2", *SMALL, "--teachers",
+    r = torchrun("--stage", "distill", "--loss", "dmd", "--optim_steps", "2", *SMALL, "--teachers",
                  f"color={out}/teacher-color", "--out", out, script="baselines.py")
     assert r.returncode == 0 and "student-dmd fake: 2 ranks in sync" in r.stdout, r.stderr[-3000:]
     assert "student-dmd: 2 ranks in sync" in r.stdout
@@ -105,12 +106,14 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
     # the ranks by optimizer_step (weights equal) or not (world 1 on each: they diverge)
     script = tmp_path / "sync.py"
     script.write_text(
-        "import torch, machinery, opd\n"
+        "import torch\n"
+        "from opd_support import machinery\n"
         "rank, world, _ = machinery.dist_setup('cpu')\n"
         "for reduce_over in (world, 1):\n"
         "    w = torch.nn.Parameter(torch.ones(4)); opt = torch.optim.AdamW([w], lr=0.1)\n"
         "    (w * (1.0 - 2 * rank)).sum().backward()\n"
-        "    opd.optimizer_step(opd.Config(), opt, [w], 0, rank, reduce_over)\n"
+        "    machinery.average_gradients([w], reduce_over)\n"
+        "    machinery.guarded_step(opt, [w], 1.0, 5, 0, rank)\n"
         "    try:\n"
         "        machinery.check_in_sync([w], world, rank, 'w')\n"
         "    except machinery.UserError as e:\n"
@@ -121,5 +124,5 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
 
 
 def test_resume_with_nothing_saved_says_so(tmp_path):
-    r = ok(run("--stage", "teacher", "--steps", "2", *SMALL, "--resume", "--out", str(tmp_path / "o")))
+    r = ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--resume", "--out", str(tmp_path / "o")))
     assert "--resume, but" in r.stdout and "holds no checkpoint: starting at step 0" in r.stdout

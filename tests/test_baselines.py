@@ -3,16 +3,17 @@ run tiny from the command line, its LoRA loaded by diffusers."""
 import dataclasses
 import json
 import os
+import types
 
 import pytest
 import torch
 
 import baselines
 import opd
-import prompts
-import sd3
-import tiny
 from conftest import ok, randomise, run
+from opd_support import config, machinery, prompts, runs, sd3, tiny
+
+ONE = types.SimpleNamespace(rank=0, world=1)  # one process, for functions that take a run
 
 
 def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
@@ -20,7 +21,7 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
     reward sees are its task's), and advantages are computed within each prompt's group, so a
     task whose reward is 1000 times larger leaves the other task's advantages unchanged."""
     m, cfg = tiny_sd3
-    cfg = baselines.rl_config(opd.parse_config(["--stage", "joint", "--num_steps", "2", "--batch_size", "4",
+    cfg = baselines.rl_config(config.parse_config(["--stage", "joint", "--sampler_steps", "2", "--batch_size", "4",
                                                 "--group_size", "2", "--updates_per_epoch", "1"], baselines.Args), "joint")
     seen = {}
 
@@ -33,15 +34,15 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
     b = task("b", 1000.0, ["a bright cat on the left", "a bright dog on the right"])
     m.trainable = sd3.add_lora(m.tr, "policy", cfg)
     try:
-        batches, rewards_ = opd.rl_sample(cfg, m, [a, b], 0, 0, 1)
+        batches, rewards_ = opd.rl_sample(cfg, m, [a, b], 0, ONE)
         seen_b = seen.pop("b")
-        alone, _ = opd.rl_sample(cfg, m, [a], 0, 0, 1)
+        alone, _ = opd.rl_sample(cfg, m, [a], 0, ONE)
     finally:
         sd3.drop_adapters(m)
     assert set(seen["a"]) <= set(a.train) and set(seen_b) <= set(b.train) and len(seen_b) == 4
-    for _, _, adv in batches:  # zero mean within every prompt's group
-        assert torch.allclose(adv.view(-1, 2).sum(1), torch.zeros(2), atol=1e-4)
-    assert torch.equal(batches[0][2], alone[0][2])  # task b's scale does not reach task a
+    for samples in batches:  # zero mean within every prompt's group
+        assert torch.allclose(samples.advantages.view(-1, 2).sum(1), torch.zeros(2), atol=1e-4)
+    assert torch.equal(batches[0].advantages, alone[0].advantages)  # b's scale does not reach a
     assert rewards_["b"] > 100 * rewards_["a"]
 
 
@@ -51,8 +52,8 @@ def test_compare_runs_every_method_tiny(tmp_path):
     model, its time and the avg; labelled samples.png; every LoRA loads with diffusers'
     load_lora_weights and changes the model's output."""
     out = str(tmp_path / "cmp")
-    small = ["--tasks", "color,jpeg", "--steps", "2", "--batch_size", "4", "--group_size", "2", "--num_steps", "3",
-             "--eval_steps", "3", "--eval_prompts", "2", "--eval_seeds", "2", "--out", out]
+    small = ["--tasks", "color,jpeg", "--optim_steps", "2", "--batch_size", "4", "--group_size", "2", "--sampler_steps", "3",
+             "--eval_sampler_steps", "3", "--eval_prompts", "2", "--eval_seeds", "2", "--out", out]
     r = run("--stage", "compare", *small, script="baselines.py")
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.load(open(os.path.join(out, "eval.json")))
@@ -87,8 +88,8 @@ def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
     """--stage noise --seeds 0,1: every run per seed (both SDE weights), its curves, and the
     seeds' summary of rounds to 50 / 75 / 90% of the final gain."""
     top = str(tmp_path / "noise")
-    r = run("--stage", "noise", "--tasks", "color", "--teachers", f"color={teacher_dir}", "--steps", "2",
-            "--batch_size", "4", "--num_steps", "3", "--eval_every", "1", "--eval_steps", "3", "--eval_prompts", "1",
+    r = run("--stage", "noise", "--tasks", "color", "--teachers", f"color={teacher_dir}", "--optim_steps", "2",
+            "--batch_size", "4", "--sampler_steps", "3", "--eval_every", "1", "--eval_sampler_steps", "3", "--eval_prompts", "1",
             "--eval_seeds", "1", "--seeds", "0,1", "--out", top, script="baselines.py")
     assert r.returncode == 0, r.stderr[-2000:]
     out = os.path.join(top, "seed-1")
@@ -172,40 +173,46 @@ def _linear(w):
 
 def test_sft_is_flow_matching_on_the_teachers_samples():
     """--loss sft: the teacher's ODE sample x0, then per trained step t ~ U(0, 1) and eps ~ N(0, I)
-    from the generator, loss mean (v_S(x_t) - (eps - x0))^2; its gradient reaches the student."""
-    sigmas, x = opd.sd3_sigmas(4), torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    from the generator, loss mean (v_S(x_t) - (eps - x0))^2; the logged loss and the student's
+    gradient against the same written out by hand."""
+    sigmas = opd.sd3_sigmas(4)
+    x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
     w = torch.tensor(0.5, requires_grad=True)
     teacher, student = _linear(torch.tensor(-0.8)), _linear(w)
-    losses = []
-    x0, logged = baselines.sft_trajectory(student, teacher, x, sigmas, 0.0, [0, 1], "sft",
-                                          losses.append, generator=torch.Generator().manual_seed(5))
+    x0, logged = baselines.sft_trajectory(student, teacher, x, opd.Sampler(sigmas, 0.0, [0, 1]),
+                                          torch.Generator().manual_seed(5))
     ref = x.clone()  # the teacher's Euler ODE by hand
     for j in range(4):
         ref = ref + (-0.8 * ref + sigmas[j]) * (sigmas[j + 1] - sigmas[j])
     assert torch.allclose(x0, ref, atol=1e-6)
-    g = torch.Generator().manual_seed(5)
-    expect = []
+    g, w2, expect = torch.Generator().manual_seed(5), torch.tensor(0.5, requires_grad=True), 0
     for _ in range(2):
         t, eps = torch.rand(3, generator=g), torch.randn(ref.shape, generator=g)
         tt = t.view(-1, 1, 1, 1)
         x_t = (1 - tt) * ref + tt * eps
-        expect.append(((0.5 * x_t + tt) - (eps - ref)).pow(2).mean() / 2)
-    assert torch.allclose(torch.stack(losses), torch.stack(expect).detach(), atol=1e-6)
-    assert logged == pytest.approx(float(sum(expect)), abs=1e-6)
-    sum(losses).backward()
-    assert w.grad is not None and w.grad.abs() > 0
+        expect = expect + ((w2 * x_t + tt) - (eps - ref)).pow(2).mean() / 2
+    expect.backward()
+    assert logged == pytest.approx(float(expect), abs=1e-6)
+    assert w.grad.abs() > 0 and torch.allclose(w.grad, w2.grad, atol=1e-6)
 
 
 def test_offpolicy_is_the_closed_form_on_the_teachers_states():
-    sigmas, x = opd.sd3_sigmas(3), torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
-    teacher, student = _linear(torch.tensor(-0.8)), _linear(torch.tensor(0.3))
-    losses = []
-    baselines.offpolicy_trajectory(student, teacher, x, sigmas, 0.0, [0, 1], "offpolicy", losses.append)
+    sigmas = opd.sd3_sigmas(3)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    w, w2 = (torch.tensor(0.3, requires_grad=True) for _ in range(2))
+    teacher, student = _linear(torch.tensor(-0.8)), _linear(w)
+    _, logged = baselines.offpolicy_trajectory(student, teacher, x,
+                                               opd.Sampler(sigmas, 0.0, [0, 1]))
     traj = opd.rollout(teacher, x, sigmas, 0.0)
-    for j, l in enumerate(losses):
+    expect = 0
+    for j in (0, 1):  # on the teacher's states: 1/2 mean (mu_S - mu_T)^2, mean over the 2 steps
         xj, dt = traj["states"][:, j], sigmas[j + 1] - sigmas[j]
-        mu_s, mu_t = xj + student(xj, sigmas[j]) * dt, xj + teacher(xj, sigmas[j]) * dt
-        assert torch.allclose(l, 0.5 * (mu_s - mu_t).pow(2).mean() / 2, atol=1e-7)
+        mu_s = xj + (w2 * xj + sigmas[j]) * dt
+        mu_t = xj + teacher(xj, sigmas[j]) * dt
+        expect = expect + 0.5 * (mu_s - mu_t).pow(2).mean() / 2
+    expect.backward()
+    assert logged == pytest.approx(float(expect), abs=1e-7)
+    assert torch.allclose(w.grad, w2.grad, atol=1e-7) and w.grad.abs() > 0
 
 
 def test_dance_query_is_beta_5_2_over_the_states():
@@ -225,16 +232,19 @@ def test_dance_query_is_beta_5_2_over_the_states():
 
 
 def test_dance_loss_at_each_samples_query_state_against_the_routed_teacher():
-    sigmas, x = opd.sd3_sigmas(5), torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(2))
-    teacher, student = _linear(torch.tensor(-0.8)), _linear(torch.tensor(0.3))
-    losses = []
-    baselines.dance_trajectory(student, teacher, x, sigmas, 0.0, [0], "dance", losses.append,
-                               generator=torch.Generator().manual_seed(3))
+    sigmas = opd.sd3_sigmas(5)
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    w, w2 = (torch.tensor(0.3, requires_grad=True) for _ in range(2))
+    teacher, student = _linear(torch.tensor(-0.8)), _linear(w)
+    _, logged = baselines.dance_trajectory(student, teacher, x, opd.Sampler(sigmas, 0.0, [0]),
+                                           torch.Generator().manual_seed(3))
     q = baselines.dance_query(5, 4, torch.Generator().manual_seed(3))
-    states = opd.rollout(student, x, sigmas, 0.0)["states"]
+    states = opd.rollout(_linear(torch.tensor(0.3)), x, sigmas, 0.0)["states"]
     x_q, t_q = states[torch.arange(4), q], sigmas[q].view(-1, 1, 1, 1)
-    expect = ((0.3 * x_q + t_q) - (-0.8 * x_q + t_q)).pow(2).mean()
-    assert len(losses) == 1 and torch.allclose(losses[0], expect, atol=1e-6)
+    expect = ((w2 * x_q + t_q) - (-0.8 * x_q + t_q)).pow(2).mean()
+    expect.backward()
+    assert logged == pytest.approx(float(expect), abs=1e-6)
+    assert torch.allclose(w.grad, w2.grad, atol=1e-6) and w.grad.abs() > 0
 
 
 def test_flow_advantages_are_per_step_over_the_whole_batch():
@@ -254,7 +264,7 @@ def _flow_grads(m, cfg):
     for p in m.trainable:
         p.grad = None
     task = prompts.Task("color", FLOW_PROMPTS, [], None)
-    losses = baselines.flow_round(cfg, m, [task], 0, 0, 1, lambda t: "teacher-x", {"color": 4.5})
+    losses = baselines.flow_round(cfg, m, [task], 0, ONE, {"color": 4.5})
     return torch.cat([p.grad.flatten() for p in m.trainable]), losses["color"]
 
 
@@ -262,13 +272,13 @@ def _flow_by_hand(m, cfg):
     """The same rollouts (micro-batch by micro-batch from the same generator), the teacher's
     log-density of each step taken, advantages per step over all 4, then the on-policy clipped-PPO
     gradient: -mean_{b, j} A_bj grad log p_S(x_{j+1} | x_j)."""
-    mine = opd.draw_prompts(cfg, prompts.Task("color", FLOW_PROMPTS, [], None), 0, 0, 4)
-    g, sig, a = opd.rng(cfg.seed, 0, 1, 0, 0), opd.sd3_sigmas(3), 0.7
+    mine = prompts.draw_prompts(cfg, prompts.Task("color", FLOW_PROMPTS, [], None), 0, 0, 4)
+    g, sig, a = machinery.rng(cfg.seed, "rollout", 0, 0, step=0), opd.sd3_sigmas(3), 0.7
     parts = [(s, opd.rollout(m.velocity("student", mine[s], 4.5), m.noise(len(mine[s]), g), sig, a, g))
-             for s in opd.chunks(4, cfg.micro_batch)]
+             for s in machinery.chunks(4, cfg.micro_batch)]
     r = []
     for s, traj in parts:
-        teacher, xs = m.velocity("teacher-x", mine[s], 4.5), traj["states"]
+        teacher, xs = m.velocity("teacher-color", mine[s], 4.5), traj["states"]
         with torch.no_grad():
             r.append(torch.stack([opd.gaussian_logp(xs[:, j + 1], opd.transition(xs[:, j], teacher(xs[:, j], sig[j]), sig[j],
                                                                                    sig[j + 1], a)[0], traj["stds"][:, j])
@@ -290,10 +300,12 @@ def test_flow_round_normalises_over_the_round_not_the_micro_batch(tiny_sd3):
     and in micro-batches of 2: the advantages are over all 4 either way (per micro-batch they
     would differ; with micro-batches of 1 they would all be 0)."""
     m, _ = tiny_sd3
-    cfg = opd.resolve(opd.parse_config(["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--num_steps", "3",
+    cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--sampler_steps", "3",
                                         "--batch_size", "4"], baselines.Args), "distill")
-    sd3.add_lora(m.tr, "teacher-x", cfg); randomise(m.tr, "teacher-x", 1)
-    m.trainable = sd3.add_lora(m.tr, "student", cfg); randomise(m.tr, "student", 2)
+    sd3.add_lora(m.tr, "teacher-color", cfg)
+    randomise(m.tr, "teacher-color", 1)
+    m.trainable = sd3.add_lora(m.tr, "student", cfg)
+    randomise(m.tr, "student", 2)
     m.active = "student"
     try:
         out = []
@@ -364,23 +376,27 @@ def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, lo
     update (DMD's student loss comes before) and after the round (TDM's comes after; the step
     leaves them None); the teacher's stay None; the student's are non-zero; the fake moved."""
     m, _ = tiny_sd3
-    cfg = opd.resolve(opd.parse_config(["--stage", "distill", "--loss", loss, "--num_steps", "3", "--batch_size", "2"],
+    cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", loss, "--sampler_steps", "3", "--batch_size", "2"],
                                        baselines.Args), "distill")
-    sd3.add_lora(m.tr, "teacher-x", cfg); randomise(m.tr, "teacher-x", 1)
+    sd3.add_lora(m.tr, "teacher-color", cfg)
+    randomise(m.tr, "teacher-color", 1)
     fake = sd3.add_lora(m.tr, "fake", cfg)
-    student = m.trainable = sd3.add_lora(m.tr, "student", cfg); randomise(m.tr, "student", 2)
+    student = m.trainable = sd3.add_lora(m.tr, "student", cfg)
+    randomise(m.tr, "student", 2)
     m.active = "?"
-    teacher = [p for n, p in m.tr.named_parameters() if ".teacher-x." in n]
-    before, seen, inner = [p.detach().clone() for p in fake], [], baselines._update_fake
+    teacher = [p for n, p in m.tr.named_parameters() if ".teacher-color." in n]
+    before, seen, inner = [p.detach().clone() for p in fake], [], baselines.update_fake
 
     def update_fake(*a, **k):  # what the fake's grads were on entry
         seen.append([p.grad for p in fake])
         inner(*a, **k)
-    monkeypatch.setattr(baselines, "_update_fake", update_fake)
+    monkeypatch.setattr(baselines, "update_fake", update_fake)
     monkeypatch.setattr(baselines, "DMD_FAKE_UPDATES", 1)
+    run_ = types.SimpleNamespace(rank=0, world=1, params=student, extra={
+        "fake": runs.Adapter(fake, torch.optim.AdamW(fake, lr=1e-2), 10.0)})
     try:
-        baselines.ROUNDS[loss](cfg, m, [prompts.Task("color", FLOW_PROMPTS, [], None)], 0, 0, 1, lambda t: "teacher-x",
-                               {"color": 4.5}, {"fake": (fake, torch.optim.AdamW(fake, lr=1e-2))})
+        baselines.ROUNDS[loss](cfg, m, [prompts.Task("color", FLOW_PROMPTS, [], None)], 0, run_,
+                               {"color": 4.5})
         after = [p.grad for p in fake]
         grads, teacher_grads = [p.grad for p in student], [p.grad for p in teacher]
         moved = max((p.detach() - q).abs().max().item() for p, q in zip(fake, before))
@@ -399,6 +415,6 @@ def test_dmd_and_tdm_run_from_the_command_line_and_their_loras_load(tmp_path, te
     for loss in ("dmd", "tdm"):
         out = str(tmp_path / loss)
         ok(run("--stage", "distill", "--loss", loss, "--tasks", "color", "--teachers", f"color={teacher_dir}",
-               "--steps", "2", "--batch_size", "4", "--num_steps", "3", "--out", out, script="baselines.py"))
+               "--optim_steps", "2", "--batch_size", "4", "--sampler_steps", "3", "--out", out, script="baselines.py"))
         pipe.load_lora_weights(os.path.join(out, f"student-{loss}"), adapter_name=loss)
     assert len(pipe.get_list_adapters()["transformer"]) == 2

@@ -1,8 +1,9 @@
 """
-The SD3 pipeline as opd.py's maths needs it: loading (a hub id or folder through diffusers'
-StableDiffusion3Pipeline.from_pretrained, or tiny.py's offline stand-ins), velocity closures
-v(x, t) with classifier-free guidance for any LoRA adapter, a bounded cache of prompt
-embeddings, latent noise and decoding; adding and dropping LoRA adapters (peft).
+The SD3 pipeline as opd.py's maths needs it: the sampler's times (diffusers' schedule), loading
+(a hub id or folder through diffusers' StableDiffusion3Pipeline.from_pretrained, or tiny.py's
+offline stand-ins), velocity closures v(x, t) with classifier-free guidance for any LoRA
+adapter, a bounded cache of prompt embeddings, latent noise and decoding; adding and dropping
+LoRA adapters (peft).
 """
 import collections
 import contextlib
@@ -10,15 +11,26 @@ import warnings
 
 import torch
 
-from machinery import quiet_hf
-from options import UserError
+from opd_support.machinery import quiet_hf
+from opd_support.options import UserError
+
+
+def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
+    """The sampler's times 1 = t_0 > ... > t_N = 0 of diffusers' FlowMatchEulerDiscreteScheduler
+    (SD3: shift 3.0, no dynamic shifting). Returns (N + 1,) float32."""
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+    t_min = shifted(1.0 / num_train_timesteps)  # the scheduler's smallest training time
+    # evenly spaced in the already shifted range, then shifted once more, as diffusers does
+    t = shifted(torch.linspace(1.0, t_min, num_steps, dtype=torch.float64))
+    return torch.cat([t, t.new_zeros(1)]).float()
 
 
 def load_pipeline(cfg, device, rank=0, world=1):
     """The pipeline named by --model: fp32 on CPU, bf16 on GPU. The transformer and the VAE go
     to the device; the text encoders too only with --text_encoders gpu (else they stay in host
     memory and visit the GPU to encode, see SD3.encode). --no_t5 loads no T5."""
-    import tiny
+    from opd_support import tiny
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if cfg.model in ("tiny", "sd35m-random"):
         pipe = tiny.tiny_pipeline(rank, world) if cfg.model == "tiny" else \

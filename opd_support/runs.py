@@ -1,0 +1,343 @@
+"""
+A training stage's life, around the loops of opd.py and baselines.py:
+
+  preflight    the checks that need no model: every stage's options, the ranks split the batch,
+               the teachers exist, --resume continues a run of the same model and LoRA shape
+  setup        processes, the run folder's lock, the tasks and the model
+  start_run    the stage's folder (fresh, resumed, or done and reused), its trained adapter with
+               AdamW and EMA (and a baseline's extra adapters), restored when resuming
+  optimizer_step   gradients averaged over the ranks, clipped, one step (non-finite: skipped)
+  checkpoint   when due, and at once on SIGTERM / SIGUSR1 (then the run stops, exit code 75)
+  finish_run   the ranks checked in sync, the EMA weights saved as the stage's LoRA
+"""
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+
+import torch
+
+from opd_support import checkpoints as ck
+from opd_support.config import parse_pairs, resolve
+from opd_support.loras import LORA_FILE, adapter_state, layout, local_folder, save_lora
+from opd_support.machinery import (EMA, append_jsonl, average_gradients, bar, barrier,
+                                   check_in_sync, compile_model, config_text, dist_setup,
+                                   guarded_step, rank_world, say, sum_over_ranks)
+from opd_support.options import Stopped, UserError
+from opd_support.prompts import draw_prompts, make_task
+from opd_support.sd3 import SD3, add_lora, drop_adapters, load_pipeline
+
+
+# ------------------------------------------------------------------------------ before the model
+def task_names(cfg):
+    if cfg.stage == "teacher":
+        return [cfg.task]
+    return list(parse_pairs(cfg.teachers)) if cfg.stage == "distill" and cfg.teachers else \
+        cfg.tasks.split(",")
+
+
+def teacher_dirs(cfg, tasks):
+    """task -> teacher folder: --teachers, else <out>/teacher-<task>."""
+    return parse_pairs(cfg.teachers) if cfg.teachers else \
+        {t: os.path.join(cfg.out, f"teacher-{t}") for t in tasks}
+
+
+def preflight(cfg, stages):
+    """Checks that need no model, before one loads: every stage's options, the ranks split the
+    batch, the teachers exist, and --resume keeps the model and LoRA of the run it continues."""
+    world, tasks = rank_world()[1], task_names(cfg)
+    for stage in stages:
+        c = resolve(cfg, stage)
+        if c.batch_size % world:
+            raise UserError(f"--batch_size {c.batch_size} does not divide across {world} ranks")
+        if stage == "distill" and "teacher" not in stages:  # the teachers must exist already
+            for t, d in teacher_dirs(c, tasks).items():
+                if cfg.teachers:  # a folder in either layout, or a hub id (fetched now)
+                    local_folder(d)
+                elif layout(d) is None:
+                    raise UserError(f"no LoRA at {os.path.join(d, LORA_FILE)}: make it with "
+                                    f"`python opd.py --stage teacher --task {t} --out {cfg.out}`")
+        runs = {"teacher": [f"teacher-{t}" for t in tasks], "distill": ["student"]}.get(stage, [])
+        for d in (os.path.join(cfg.out, r) for r in runs):
+            if cfg.resume and ck.checkpoints(d) and not os.path.isfile(os.path.join(d, LORA_FILE)):
+                ck.check_resume(d, c)
+
+
+def setup(cfg, first_stage):
+    """Processes, the lock of --out, tasks and the model, once every check has passed. Returns
+    (model, tasks), the resolved config of the first stage printed."""
+    rank, world, device = dist_setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    first = resolve(cfg, first_stage)
+    if rank == 0:
+        take_lock(cfg.out)
+    tasks = [make_task(n, first, device) for n in task_names(cfg)]
+    say(rank, config_text(first))
+    model = SD3(load_pipeline(first, device, rank, world), first, device)
+    if cfg.compile:
+        compile_model(model.tr)
+    return model, tasks
+
+
+LOCK = "run.lock"
+
+
+def take_lock(out):
+    """One run per folder: <out>/run.lock holds the pid and host of the run using it. Another
+    live run's lock stops this one with one line; a lock whose process is gone from this host is
+    taken over with one line; the lock is removed when this process ends."""
+    import atexit
+    os.makedirs(out, exist_ok=True)
+    path, me = os.path.join(out, LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.load(open(path))
+            except (OSError, ValueError):
+                held = {}
+            pid, host = held.get("pid"), held.get("host")
+            if (pid, host) == (me["pid"], me["host"]):  # this process took it already
+                return path
+            if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
+                print(f"warning: {path} was left by a run that is gone (pid {pid} on {host}): "
+                      f"taken over", flush=True)
+                os.remove(path)
+                continue
+            raise UserError(f"{out} is in use by another run (pid {pid} on host {host}, since "
+                            f"{held.get('since', '?')}); wait for it, or use another --out "
+                            f"(if that run is gone, delete {path})") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({**me, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        atexit.register(release_lock, path, os.getpid())
+        return path
+    raise UserError(f"cannot take the lock {path}")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_lock(path, pid):
+    try:
+        if json.load(open(path)).get("pid") == pid:
+            os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+# ------------------------------------------------------------------------------ a stage's run
+@dataclasses.dataclass
+class Adapter:
+    """A trained adapter besides the run's own (a baseline's fake score): its weights, AdamW
+    and gradient clip."""
+    params: list
+    opt: torch.optim.Optimizer
+    clip: float
+
+
+@dataclasses.dataclass
+class Run:
+    """A training stage's state: its folder, the trained adapter (its weights, AdamW, EMA), the
+    first optimizer step (0, or the checkpoint's when resumed) and the training seconds so far."""
+    dir: str
+    adapter: str
+    params: list
+    opt: torch.optim.Optimizer
+    ema: EMA
+    rank: int
+    world: int
+    start: int = 0
+    elapsed: float = 0.0
+    bad_steps: int = 0                                 # non-finite steps in a row
+    extra: dict = dataclasses.field(default_factory=dict)  # name -> Adapter (a baseline's)
+    aux: list = dataclasses.field(default_factory=list)    # weights restored exactly (NFT's old)
+
+    def log(self, **row):
+        """A row of metrics.jsonl (rank 0)."""
+        if self.rank == 0:
+            append_jsonl(os.path.join(self.dir, "metrics.jsonl"), row)
+
+
+def prepare(run_dir, cfg, rank, what):
+    """What to do with a stage's folder: 'done' (reuse), 'resume', or 'fresh'."""
+    done = os.path.isfile(os.path.join(run_dir, LORA_FILE))
+    if done and not cfg.overwrite:
+        say(rank, f"{what}: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
+        return "done"
+    if cfg.overwrite:
+        if rank == 0 and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        return "fresh"
+    if ck.checkpoints(run_dir):
+        if cfg.resume:
+            return "resume"
+        raise UserError(f"{run_dir} holds a checkpoint of an unfinished {what} run: pass "
+                        f"--resume to continue it or --overwrite to start again")
+    if cfg.resume:
+        say(rank, f"{what}: --resume, but {run_dir} holds no checkpoint: starting at step 0")
+    return "fresh"
+
+
+def start_run(cfg, model, name, adapter, aux=(), extra=None):
+    """The stage <out>/<name>: None when it finished before (its LoRA is reused); else a Run
+    with a new trained adapter (fp32, B = 0: it starts at the base), its AdamW and EMA; aux:
+    adapters that follow it without an optimizer (NFT's old one); extra: {adapter: AdamW
+    settings and 'clip'} of more trained adapters (a baseline's), starting at the base, with no
+    EMA. All restored from the latest intact checkpoint when resuming."""
+    rank, world = rank_world()
+    run_dir = os.path.join(cfg.out, name)
+    if (mode := prepare(run_dir, cfg, rank, name)) == "done":
+        return None
+    if STOP["signal"]:
+        raise Stopped(f"stopped before {name} ({STOP['signal']}); --resume continues")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    aux_params = []
+    for a in aux:
+        add_lora(model.tr, a, cfg)
+        aux_params += [p for n, p in model.tr.named_parameters() if f".{a}." in n]
+    adamw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    extra = extra or {}  # may also set the AdamW of `adapter` itself (TDM's betas)
+    names, made = [adapter, *(n for n in extra if n != adapter)], {}
+    for n in names:
+        settings = dict(extra.get(n, {}))
+        clip = settings.pop("clip", cfg.grad_clip)
+        p = add_lora(model.tr, n, cfg)
+        made[n] = Adapter(p, torch.optim.AdamW(p, **{**adamw, **settings}), clip)
+    own = made.pop(adapter)
+    run = Run(run_dir, adapter, own.params, own.opt, EMA(own.params, cfg.ema, cfg.ema_every),
+              rank, world, extra=made, aux=aux_params)
+    model.trainable, model.active = run.params, "?"  # the next model.use sets requires_grad
+    if mode == "resume":
+        folder, state = ck.check_resume(run_dir, cfg, say=lambda s: say(rank, s))
+        run.start, run.elapsed = ck.restore(folder, state, model.tr, names,
+                                            [own.opt, *(a.opt for a in made.values())],
+                                            [run.ema], aux_params)
+        say(rank, f"resumed {run_dir} at step {run.start}")
+    watch_stop_signals()
+    return run
+
+
+def optimizer_step(cfg, run, adapter=None):
+    """Average the gradients of the run's adapter (or of one of its extra adapters) over the
+    ranks, clip, step; a non-finite step is skipped, too many in a row abort. Returns the
+    gradient norm before clipping."""
+    if adapter is None:
+        average_gradients(run.params, run.world)
+        norm, run.bad_steps = guarded_step(run.opt, run.params, cfg.grad_clip, cfg.max_bad_steps,
+                                           run.bad_steps, run.rank)
+        return norm
+    a = run.extra[adapter]
+    average_gradients(a.params, run.world)
+    return guarded_step(a.opt, a.params, a.clip, cfg.max_bad_steps, 0, run.rank)[0]
+
+
+def rounds(run, first, end, every=1):
+    """The optimizer steps first, first + every, ... < end, with a progress bar on rank 0."""
+    return bar(range(first, end, every), run.rank, os.path.basename(run.dir))
+
+
+# SIGTERM (what SLURM and Kubernetes send before a kill) and SIGUSR1 (SLURM's --signal) make
+# the run finish the step in flight, write a checkpoint and stop; a second one stops at once.
+STOP = {"signal": None, "watching": False}
+STOPPED_EXIT = 75  # EX_TEMPFAIL: try again (--resume)
+
+
+def watch_stop_signals():
+    if STOP["watching"]:
+        return
+
+    def on_signal(sig, frame):
+        if STOP["signal"]:  # the second one: at once
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        STOP["signal"] = signal.Signals(sig).name
+        print(f"{STOP['signal']}: finishing the step in flight, then writing a checkpoint "
+              f"(a second signal stops at once)", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    STOP["watching"] = True
+
+
+def checkpoint(cfg, model, run, first, end):
+    """After optimizer steps first..end - 1: a checkpoint at step `end` when a multiple of
+    --save_every lies in (first, end] or the stage ends, and whenever a stop signal reached any
+    rank: then every rank stops here (Stopped)."""
+    stop = torch.tensor(float(bool(STOP["signal"])), device=run.params[0].device)
+    stop = bool(sum_over_ranks(stop, run.world, "max").item())
+    due = end // cfg.save_every > first // cfg.save_every or end == cfg.optim_steps
+    if run.rank == 0 and (due or stop):
+        names = [run.adapter, *run.extra]
+        state = ck.checkpoint_state(cfg, end, [run.opt, *(a.opt for a in run.extra.values())],
+                                    [run.ema], run.aux, run.elapsed)
+        ck.save_checkpoint(run.dir, end, [adapter_state(model.tr, n) for n in names], state)
+    if stop:
+        barrier(run.world)
+        raise Stopped(f"stopped at step {end}, checkpoint written to {run.dir} "
+                      f"({STOP['signal'] or 'another rank was signalled'}); --resume continues")
+
+
+def finish_run(cfg, model, run, trajectories):
+    """The stage's final LoRA (its EMA; the file's existence marks the stage done), config.json
+    and run.json (training seconds, sampled trajectories), after checking that every rank holds
+    the same weights (the extra adapters too); the adapters are dropped."""
+    for name, a in run.extra.items():
+        check_in_sync(a.params, run.world, run.rank, f"{os.path.basename(run.dir)} {name}")
+    check_in_sync(run.params, run.world, run.rank, os.path.basename(run.dir))
+    run.ema.copy_to_params()
+    if run.rank == 0:
+        ck.write_text(os.path.join(run.dir, "config.json"),
+                      json.dumps(dataclasses.asdict(cfg), indent=1))
+        ck.write_text(os.path.join(run.dir, "run.json"),
+                      json.dumps({"seconds": round(run.elapsed, 2), "trajectories": trajectories}))
+        save_lora(run.dir, model.tr, run.adapter)
+    barrier(run.world)
+    drop_adapters(model)
+    say(run.rank, f"{os.path.basename(run.dir)}: saved {run.dir}/{LORA_FILE}")
+    return run.dir
+
+
+# ------------------------------------------------------------------------------ prompts ahead
+def my_share(prompts, run):
+    """This rank's part of a step's prompts (the same list on every rank)."""
+    b = len(prompts) // run.world
+    return prompts[run.rank * b:(run.rank + 1) * b]
+
+
+def embed_ahead(cfg, model, steps, prompts_at):
+    """Embed the prompts of the coming steps at once (prompts_at(step) -> list), as many steps
+    as fill half the embedding cache: the text encoders then visit the GPU once per so many."""
+    first = prompts_at(steps[0])
+    if any(p not in model.cache for p in first):  # else they were embedded ahead
+        half = cfg.embed_cache_mb * 2**20 / 2
+        ahead = max(1, min(64, int(half // (len(set(first)) * model.prompt_bytes()))))
+        model.encode([p for s in steps[:ahead] for p in prompts_at(s)])
+
+
+def embed_round_prompts(cfg, model, tasks, r, run):
+    """Stage 2: the prompts of rounds r, r + 1, ... of every task, this rank's share."""
+    def at(s):
+        return [p for i, t in enumerate(tasks)
+                for p in my_share(draw_prompts(cfg, t, s, i, cfg.batch_size), run)]
+    embed_ahead(cfg, model, range(r, cfg.optim_steps), at)
+
+
+def embed_epoch_prompts(cfg, model, schedule, first):
+    """Stage 1: the prompts of the epochs from the one at step `first` (all ranks' prompts)."""
+    K = cfg.updates_per_epoch
+
+    def at(s):
+        return [p for i, t in enumerate(schedule[s // K])
+                for p in draw_prompts(cfg, t, s, i, K * cfg.batch_size // cfg.group_size)]
+    embed_ahead(cfg, model, range(first, cfg.optim_steps, K), at)
