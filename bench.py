@@ -31,7 +31,8 @@ import opd
 from opd_support import prompts, runs, sd3
 from opd_support.checkpoints import write_text
 from opd_support.config import Config, parse_config, parse_steps, resolve
-from opd_support.machinery import Timer, chunks, compile_model, dist_setup, main as cli, quiet_hf, rng, say
+from opd_support.machinery import (Timer, chunks, compile_model, dist_setup, main as cli, quiet_hf,
+                                   rng, say)
 from opd_support.options import FLAG, arg, num, one_of
 
 
@@ -45,9 +46,10 @@ class Args(Config):
 
 ONE_PROCESS = types.SimpleNamespace(rank=0, world=1)  # for opd.rl_sample outside a run
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of GPUs by name; --peak_tflops for others
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H20", 148), ("GH200", 989), ("B200", 2250),
-               ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A10G", 70), ("A10", 125),
-               ("RTX 4090", 165), ("RTX 3090", 71), ("RTX A6000", 155), ("A6000 Ada", 364)]
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H20", 148), ("GH200", 989),
+               ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181),
+               ("L4", 121), ("A10G", 70), ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71),
+               ("RTX A6000", 155), ("A6000 Ada", 364)]
 
 
 def transformer_flops(c, batch, n_img, n_txt):
@@ -76,7 +78,8 @@ def transformer_flops(c, batch, n_img, n_txt):
             lin += 8 * ni * d * d
             att += 4 * ni * ni * d
     lin += 2 * ni * p * p * c["in_channels"] * d + 2 * nt * c["joint_attention_dim"] * d
-    lin += 2 * (256 * d + c["pooled_projection_dim"] * d + 2 * d * d) + 2 * d * 2 * d + 2 * ni * d * p * p * c["out_channels"]
+    lin += (2 * (256 * d + c["pooled_projection_dim"] * d + 2 * d * d) + 2 * d * 2 * d +
+            2 * ni * d * p * p * c["out_channels"])
     return batch * lin, batch * att
 
 
@@ -199,7 +202,8 @@ def one_round(cfg, model, tasks, teacher_of, r=0):
             ps = prompts_[s]
             student = model.velocity("student", ps, cfg.guidance)
             teacher = model.velocity(teacher_of(task), ps, cfg.guidance)
-            trajectory(student, teacher, model.noise(len(ps), g), sampler, g, len(ps) / len(prompts_))
+            trajectory(student, teacher, model.noise(len(ps), g), sampler, g,
+                       len(ps) / len(prompts_))
 
 
 def bench(cfg, m, tasks, world):
@@ -241,30 +245,40 @@ def bench(cfg, m, tasks, world):
     fused, two = (sum(v) / len(v) for v in (times[False], times[True]))
     flops = round_flops(cfg, m.tr.config, m.pipe.vae_scale_factor, len(tasks), world)
     peak = peak_tflops(cfg, m.device)
-    res = {"model": cfg.model, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "tasks": len(tasks),
-           "rounds_each": cfg.rounds, "device": str(m.device) if m.device.type == "cpu" else torch.cuda.get_device_name(m.device),
-           "round_s_fused": round(fused, 4), "round_s_two_pass": round(two, 4), "two_pass_over_fused": round(two / fused, 3),
+    res = {"model": cfg.model, "resolution": cfg.resolution, "batch_size": cfg.batch_size,
+           "tasks": len(tasks), "rounds_each": cfg.rounds,
+           "device": (str(m.device) if m.device.type == "cpu"
+                      else torch.cuda.get_device_name(m.device)),
+           "round_s_fused": round(fused, 4), "round_s_two_pass": round(two, 4),
+           "two_pass_over_fused": round(two / fused, 3),
            "round_tflop_fused": flops[False] / 1e12, "round_tflop_two_pass": flops[True] / 1e12,
            "tflops_fused": flops[False] / fused / 1e12, "tflops_two_pass": flops[True] / two / 1e12,
            "mfu_fused": peak and flops[False] / fused / 1e12 / peak, "peak_tflops": peak,
            "saved_mb_per_trained_step": round(mb(saved[False]), 2),
            "saved_mb_per_trained_step_checkpointing": round(mb(saved[True]), 2),
            "trained_step_batch": len(mb_prompts),
-           "peak_mb_one_adapter": round(mb(alone["peak"]), 1), "peak_mb_M_teachers": round(mb(multi["peak"]), 1),
-           "adapter_mb": round(mb(nbytes(params)), 3), "teacher_adapters_mb": round(mb(nbytes(teachers)), 3),
-           "transformer_mb": round(mb(nbytes(p for n, p in m.tr.named_parameters() if "lora_" not in n)), 3)}
+           "peak_mb_one_adapter": round(mb(alone["peak"]), 1),
+           "peak_mb_M_teachers": round(mb(multi["peak"]), 1),
+           "adapter_mb": round(mb(nbytes(params)), 3),
+           "teacher_adapters_mb": round(mb(nbytes(teachers)), 3),
+           "transformer_mb": round(mb(nbytes(p for n, p in m.tr.named_parameters()
+                                             if "lora_" not in n)), 3)}
     if cfg.compile:
         res.update(compiled(cfg, m, tasks, round_s))
     sd3.drop_adapters(m)
     if runs.rank_world()[0] == 0:
-        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, {cfg.sampler_steps} steps "
-                   f"({res['device']}): round fused {fused:.3f}s, two-pass {two:.3f}s (x{two / fused:.2f}); "
-                   f"{flops[False] / 1e12:.3g} TFLOP a fused round = {res['tflops_fused']:.3g} TFLOP/s" +
+        say(0, f"{cfg.model} {cfg.resolution}px, batch {cfg.batch_size}, {len(tasks)} tasks, "
+                   f"{cfg.sampler_steps} steps ({res['device']}): round fused {fused:.3f}s, "
+                   f"two-pass {two:.3f}s (x{two / fused:.2f}); "
+                   f"{flops[False] / 1e12:.3g} TFLOP a fused round = "
+                   f"{res['tflops_fused']:.3g} TFLOP/s" +
                 (f" = {100 * res['mfu_fused']:.1f}% of {peak} (MFU)" if peak else "") +
-                f"; saved for backward per trained step (batch {len(mb_prompts)}): {mb(saved[False]):.1f} MB, "
-                f"{mb(saved[True]):.1f} MB with gradient checkpointing; peak memory {mb(alone['peak']):.0f} MB one "
-                f"adapter, {mb(multi['peak']):.0f} MB with {len(tasks)} teacher adapters ({mb(nbytes(teachers)):.2f} MB "
-                f"of adapter weights; a transformer copy is {res['transformer_mb']:.2f} MB)")
+                f"; saved for backward per trained step (batch {len(mb_prompts)}): "
+                f"{mb(saved[False]):.1f} MB, {mb(saved[True]):.1f} MB with gradient "
+                f"checkpointing; peak memory {mb(alone['peak']):.0f} MB one adapter, "
+                f"{mb(multi['peak']):.0f} MB with {len(tasks)} teacher adapters "
+                f"({mb(nbytes(teachers)):.2f} MB of adapter weights; a transformer copy is "
+                f"{res['transformer_mb']:.2f} MB)")
         write_json(cfg.out, "bench.json", res)
     return res
 
@@ -289,18 +303,21 @@ def compiled(cfg, m, tasks, round_s):
     times = [round_s(lambda t: f"teacher-{t.name}", step=r) for r in range(cfg.rounds)]
     with torch.no_grad():
         diff = (m.velocity("student", prompts, cfg.guidance)(x, 0.5) - eager).abs().max().item()
-    return {"compile_warmup_s": round(warm, 2), "round_s_fused_compiled": round(sum(times) / len(times), 4),
+    return {"compile_warmup_s": round(warm, 2),
+            "round_s_fused_compiled": round(sum(times) / len(times), 4),
             "compiled_max_velocity_diff": diff}
 
 
 # ------------------------------------------------------------------------------ meta-device count
 SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-               latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # SD3.5's VAE config
+               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, latent_channels=16, use_quant_conv=False,
+               use_post_quant_conv=False)  # SD3.5's VAE config
 T5_XXL_PARAMS, CLIP_PARAMS = 4.76e9, 0.12e9 + 0.69e9  # encoder parameters: T5-XXL; CLIP-L + CLIP-G
 
 
-def flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
     """SDPA through the flash kernel, which saves q, k, v, out and the log-sum-exp as GPU flash
     attention does (on the meta device PyTorch would decompose it and save the attention matrix)."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[0]
@@ -318,12 +335,14 @@ def meta_step(tr, batch, n_img_side, n_txt, checkpointing):
     F.scaled_dot_product_attention = flash_sdpa
     try:
         with saved_bytes(list(tr.parameters())) as out:
-            hooks = [b.register_forward_pre_hook(lambda mod, a: marks.append(out["bytes"])) for b in tr.transformer_blocks]
-            hooks += [b.register_forward_hook(lambda mod, a, o: marks.append(out["bytes"])) for b in tr.transformer_blocks]
+            hooks = [b.register_forward_pre_hook(lambda mod, a: marks.append(out["bytes"]))
+                     for b in tr.transformer_blocks]
+            hooks += [b.register_forward_hook(lambda mod, a, o: marks.append(out["bytes"]))
+                      for b in tr.transformer_blocks]
             if checkpointing:
                 count_checkpoint(tr, out)
-            tr(hidden_states=x, timestep=torch.ones(batch, device=dev), encoder_hidden_states=e, pooled_projections=p,
-               return_dict=False)
+            tr(hidden_states=x, timestep=torch.ones(batch, device=dev), encoder_hidden_states=e,
+               pooled_projections=p, return_dict=False)
     finally:
         F.scaled_dot_product_attention = sdpa
         for h in hooks:
@@ -351,7 +370,8 @@ def count(cfg, rank=0):
         with open(os.path.join(cfg.model, "transformer", "config.json")) as f:
             tcfg, vae_cfg = json.load(f), SD3_VAE
     with torch.device("meta"):
-        tr = SD3Transformer2DModel(**{k: v for k, v in tcfg.items() if not k.startswith("_")}).to(torch.bfloat16)
+        tr = SD3Transformer2DModel(**{k: v for k, v in tcfg.items()
+                                      if not k.startswith("_")}).to(torch.bfloat16)
         vae = AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
     tr.requires_grad_(False)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -359,7 +379,8 @@ def count(cfg, rank=0):
     for stage in ("distill", "teacher"):
         c = resolve(dataclasses.replace(cfg, device="cpu", optim_steps=None), stage)
         with torch.device("meta"):
-            tr.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=c.lora_targets.split(",")),
+            tr.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha,
+                                      target_modules=c.lora_targets.split(",")),
                            adapter_name=stage)
         tr.set_adapter(stage)
         lora = sum(p.numel() for p in tr.parameters() if p.requires_grad) * 4  # fp32 on a GPU
@@ -369,26 +390,35 @@ def count(cfg, rank=0):
         micro = c.micro_batch or c.batch_size
         batch = micro * (2 if c.guidance != 1 else 1)
         side = c.resolution // scale
-        (plain, block), (ckpt, _) = (meta_step(tr, batch, side, 77 + c.max_seq_len, ck) for ck in (False, True))
-        extra = M * lora if stage == "distill" else (lora if c.algo == "nft" else 0)  # teachers / NFT's old adapter
+        (plain, block), (ckpt, _) = (meta_step(tr, batch, side, 77 + c.max_seq_len, ck)
+                                     for ck in (False, True))
+        extra = (M * lora if stage == "distill"
+                 else (lora if c.algo == "nft" else 0))  # teachers / NFT's old adapter
         weights = sum(p.numel() for n, p in tr.named_parameters() if "lora_" not in n) * 2 + \
             sum(p.numel() for p in vae.parameters()) * 2
         fixed = weights + 5 * lora + extra
-        rows[stage] = {"resolution": c.resolution, "micro_batch": micro, "forward_batch": batch, "algo": c.algo if stage == "teacher" else None,
+        rows[stage] = {"resolution": c.resolution, "micro_batch": micro, "forward_batch": batch,
+                       "algo": c.algo if stage == "teacher" else None,
                        "weights_gb": weights / 1e9, "lora_states_gb": (5 * lora + extra) / 1e9,
-                       "saved_gb": plain / 1e9, "saved_gb_checkpointing": ckpt / 1e9, "largest_block_gb": block / 1e9,
-                       "peak_gb_estimate": (fixed + plain) / 1e9, "peak_gb_estimate_checkpointing": (fixed + ckpt + block) / 1e9}
+                       "saved_gb": plain / 1e9, "saved_gb_checkpointing": ckpt / 1e9,
+                       "largest_block_gb": block / 1e9,
+                       "peak_gb_estimate": (fixed + plain) / 1e9,
+                       "peak_gb_estimate_checkpointing": (fixed + ckpt + block) / 1e9}
         if stage == "distill":
             f = round_flops(c, tr.config, scale, M, 1)
-            rows[stage].update(round_tflop_fused=f[False] / 1e12, round_tflop_two_pass=f[True] / 1e12)
+            rows[stage].update(round_tflop_fused=f[False] / 1e12,
+                               round_tflop_two_pass=f[True] / 1e12)
         tr.delete_adapters([stage])
-    rows["text_encoders_gb"] = {"t5_xxl": T5_XXL_PARAMS * 2 / 1e9, "clip_l_g": CLIP_PARAMS * 2 / 1e9}
+    rows["text_encoders_gb"] = {"t5_xxl": T5_XXL_PARAMS * 2 / 1e9,
+                                "clip_l_g": CLIP_PARAMS * 2 / 1e9}
     for stage in ("distill", "teacher"):
         r = rows[stage]
-        say(rank, f"{cfg.model} {r['resolution']}px {stage} (micro-batch {r['micro_batch']}, forward batch "
-                      f"{r['forward_batch']}): saved for backward {r['saved_gb']:.2f} GB, {r['saved_gb_checkpointing']:.2f} "
-                      f"GB with checkpointing; estimated peak {r['peak_gb_estimate']:.1f} GB, "
-                      f"{r['peak_gb_estimate_checkpointing']:.1f} GB with checkpointing (weights {r['weights_gb']:.2f} GB)")
+        say(rank, f"{cfg.model} {r['resolution']}px {stage} (micro-batch {r['micro_batch']}, "
+                      f"forward batch {r['forward_batch']}): saved for backward "
+                      f"{r['saved_gb']:.2f} GB, {r['saved_gb_checkpointing']:.2f} GB with "
+                      f"checkpointing; estimated peak {r['peak_gb_estimate']:.1f} GB, "
+                      f"{r['peak_gb_estimate_checkpointing']:.1f} GB with checkpointing "
+                      f"(weights {r['weights_gb']:.2f} GB)")
     if rank == 0:
         write_json(cfg.out, "count.json", rows)
     return rows
@@ -513,26 +543,31 @@ def gpu_check(cfg):
                     opd.nft_update(rc, m, samples, torch.arange(9), 0)
                 opt.step(); opt.zero_grad(set_to_none=True)
         rows.append({"stage": f"{algo} update", "checkpointing": True,
-                     "batch": "9" + (", CFG" if rc.guidance != 1 else ", CFG-free"), "samples": 9, **r})
+                     "batch": "9" + (", CFG" if rc.guidance != 1 else ", CFG-free"),
+                     "samples": 9, **r})
         sd3.drop_adapters(m)
     for r in rows:
         r["samples_per_s"] = r["samples"] / r["seconds"]
-    res = {"model": c.model, "resolution": c.resolution, "device": str(device) if device.type == "cpu"
-           else torch.cuda.get_device_name(device), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-           "dtype": str(m.dtype), "peak_tflops": peak, "stages": rows, "profile_fused_round": profile}
+    res = {"model": c.model, "resolution": c.resolution,
+           "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "torch": torch.__version__, "cuda": torch.version.cuda,
+           "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+           "dtype": str(m.dtype), "peak_tflops": peak, "stages": rows,
+           "profile_fused_round": profile}
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    md = [f"GPU check: {res['model']} {res['resolution']} px, {res['dtype']}, {res['device']}, torch "
-          f"{res['torch']}, CUDA {res['cuda']}, {res['date']}", "",
+    md = [f"GPU check: {res['model']} {res['resolution']} px, {res['dtype']}, {res['device']}, "
+          f"torch {res['torch']}, CUDA {res['cuda']}, {res['date']}", "",
           "| stage | batch | checkpointing | seconds | samples/s | model TFLOP | TFLOP/s | MFU | "
           "peak allocated GB | peak reserved GB |", "|---" * 10 + "|"]
     for r in rows:
         md.append(f"| {r['stage']} | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
-                  f"{r['seconds']:.3f} | {r['samples_per_s']:.3f} | {r['tflop']:.3g} | {r['tflops']:.3g} | "
+                  f"{r['seconds']:.3f} | {r['samples_per_s']:.3f} | {r['tflop']:.3g} | "
+                  f"{r['tflops']:.3g} | "
                   f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                   f"{r['peak_allocated_gb']:.2f} | {fmt(r['peak_reserved_gb'], '.2f')} |")
-    md += ["", f"One fused round launches {profile['operators']} operators: {profile['casts']} dtype "
-           f"casts, {profile['matmuls']} matrix products, {profile['attention']} attention calls. "
+    md += ["", f"One fused round launches {profile['operators']} operators: "
+           f"{profile['casts']} dtype casts, {profile['matmuls']} matrix products, "
+           f"{profile['attention']} attention calls. "
            "Most time (ms):", ""] + [f"- {k}: {n} calls, {ms} ms" for k, n, ms in profile["top"]]
     write_json(cfg.out, "gpu_check.json", res)
     write_text(os.path.join(cfg.out, "gpu_check.md"), "\n".join(md) + "\n")

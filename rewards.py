@@ -1,7 +1,8 @@
 """
 Rewards for DiffusionOPD: one interface for every reward.
 
-    fn = rewards.load("color")                 # a name, or a weighted mix "pickscore:1,clipscore:1,hpsv2:1"
+    fn = rewards.load("color")                 # a name, or a weighted mix
+                                               # "pickscore:1,clipscore:1,hpsv2:1"
     r = fn(images, prompts, metadata=None)     # images (B, 3, H, W) in [0, 1] -> (B,) float tensor
     python rewards.py --list                   # the registry, with what each needs
 
@@ -33,13 +34,15 @@ class RewardError(RuntimeError):
 
 
 def _package(name, module, pip):
-    """An optional package a reward needs, imported on first use, or one line saying how to get it."""
+    """An optional package a reward needs, imported on first use, or one line saying how to get
+    it."""
     import importlib
     try:
         return importlib.import_module(module)
     except ImportError as e:  # the cause may be the package's own import of another one
-        raise RewardError(f"the {name!r} reward needs {module}, whose import failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}): pip install {pip}") from None
+        raise RewardError(f"the {name!r} reward needs {module}, whose import failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]}): "
+                          f"pip install {pip}") from None
 
 
 # ---------------------------------------------------------------------------- toy (tiny model)
@@ -58,7 +61,8 @@ def _word(prompt, words, what):
 
 def color(images, prompts, metadata=None):
     """1 - distance between the image's mean colour and the colour the prompt names, / sqrt(3)."""
-    target = torch.tensor([COLORS[_word(p, COLORS, "colour")] for p in prompts], dtype=torch.float32)
+    target = torch.tensor([COLORS[_word(p, COLORS, "colour")] for p in prompts],
+                          dtype=torch.float32)
     return 1 - (images.float().mean((2, 3)) - target.to(images.device)).norm(dim=1) / 3**0.5
 
 
@@ -70,7 +74,8 @@ def position(images, prompts, metadata=None):
               "top": g[:, : H // 2], "bottom": g[:, H - H // 2:]}
     opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
     sides = [_word(p, SIDES, "side") for p in prompts]
-    return torch.stack([halves[s][i].mean() - halves[opposite[s]][i].mean() for i, s in enumerate(sides)])
+    return torch.stack([halves[s][i].mean() - halves[opposite[s]][i].mean()
+                        for i, s in enumerate(sides)])
 
 
 def uint8(images):
@@ -162,9 +167,9 @@ def _load(name, model_id, fn):
     except RewardError:
         raise
     except Exception as e:  # offline and not cached, gated, bad folder, ...
-        raise RewardError(f"reward {name!r} cannot load {model_id!r} ({type(e).__name__}): download it "
-                          f"once with network access (it is then cached), or pass a local folder "
-                          f"as {name}=DIR in the reward spec") from None
+        raise RewardError(f"reward {name!r} cannot load {model_id!r} ({type(e).__name__}): "
+                          f"download it once with network access (it is then cached), "
+                          f"or pass a local folder as {name}=DIR in the reward spec") from None
 
 
 def quiet():
@@ -175,7 +180,8 @@ def quiet():
 
 
 def _hub_file(name, repo, filename):
-    """A single weight file: a local path, or downloaded from (or found in the cache of) a hub repo."""
+    """A single weight file: a local path, or downloaded from (or found in the cache of) a hub
+    repo."""
     if os.path.isfile(repo):
         return repo
     if os.path.isdir(repo):
@@ -186,7 +192,8 @@ def _hub_file(name, repo, filename):
 
 def clip_pixels(images, size, mean, std):
     """CLIP preprocessing on a tensor batch (B, 3, H, W) in [0, 1]: bicubic resize of the short
-    side to size, centre crop, normalise (the CLIPImageProcessor steps, without a PIL round trip)."""
+    side to size, centre crop, normalise (the CLIPImageProcessor steps, without a PIL round
+    trip)."""
     import torch.nn.functional as F
     h, w = images.shape[-2:]
     s = size / min(h, w)
@@ -204,7 +211,8 @@ def openclip_to_hf(sd):
     out = {}
     names = [(r"^visual\.conv1\.", "vision_model.embeddings.patch_embedding."),
              (r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),
-             (r"^visual\.positional_embedding$", "vision_model.embeddings.position_embedding.weight"),
+             (r"^visual\.positional_embedding$",
+              "vision_model.embeddings.position_embedding.weight"),
              (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."),
              (r"^visual\.ln_post\.", "vision_model.post_layernorm."),
              (r"^visual\.transformer\.resblocks\.", "vision_model.encoder.layers."),
@@ -217,7 +225,8 @@ def openclip_to_hf(sd):
              (r"\.attn\.out_proj\.", ".self_attn.out_proj.")]
     for k, v in sd.items():
         if k in ("visual.proj", "text_projection"):  # used as x @ P: a Linear weight is P^T
-            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = v.t()
+            out["visual_projection.weight" if k == "visual.proj"
+                else "text_projection.weight"] = v.t()
             continue
         for pat, rep in names:
             k = re.sub(pat, rep, k)
@@ -230,18 +239,19 @@ def openclip_to_hf(sd):
     return out
 
 
-# ---------------------------------------------------------------------------- model-based: CLIP family
+# ------------------------------------------------------------------------- model-based: CLIP family
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_L = "openai/clip-vit-large-patch14"
 CLIP_MODELS = {  # name -> (model id, id of the tokenizer/image processor when the model has none)
     "pickscore": ("yuvalkirstain/PickScore_v1", CLIP_H),
     "clipscore": (CLIP_L, CLIP_L),
-    "hpsv2": ("xswu/HPSv2", CLIP_H),        # open_clip checkpoint HPS_v2.1_compressed.pt, CLIP-H config
-    "aesthetic": (CLIP_L, CLIP_L),          # + the MLP head below
+    "hpsv2": ("xswu/HPSv2", CLIP_H),  # open_clip checkpoint HPS_v2.1_compressed.pt, CLIP-H config
+    "aesthetic": (CLIP_L, CLIP_L),    # + the MLP head below
 }
 HPS_FILE = "HPS_v2.1_compressed.pt"
-AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")  # LAION predictor v2 weights
+AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor",
+                  "aesthetic-model.pth")  # LAION predictor v2 weights
 
 
 class AestheticMLP(torch.nn.Module):
@@ -250,8 +260,8 @@ class AestheticMLP(torch.nn.Module):
     def __init__(self, dim=768):
         super().__init__()
         L, D = torch.nn.Linear, torch.nn.Dropout
-        self.layers = torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1),
-                                          L(64, 16), L(16, 1))
+        self.layers = torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64),
+                                          D(0.1), L(64, 16), L(16, 1))
 
     def forward(self, x):
         return self.layers(x)
@@ -305,10 +315,12 @@ class CLIPReward:
         if self.name == "aesthetic":
             head = _hub_file(self.label, mid if local else AESTHETIC_HEAD[0], AESTHETIC_HEAD[1])
             self.head = AestheticMLP(self.model.config.projection_dim)
-            self.head.load_state_dict(_load(self.label, head, lambda: torch.load(head, map_location="cpu",
-                                                                                weights_only=True)))
+            self.head.load_state_dict(_load(self.label, head,
+                                            lambda: torch.load(head, map_location="cpu",
+                                                               weights_only=True)))
             self.head.eval().requires_grad_(False).to(self.device)
-        return {k: getattr(self, k) for k in ("model", "tokenizer", "size", "mean", "std", "max_len", "head")
+        return {k: getattr(self, k)
+                for k in ("model", "tokenizer", "size", "mean", "std", "max_len", "head")
                 if hasattr(self, k)}
 
     def pixels(self, images):
@@ -320,7 +332,8 @@ class CLIPReward:
         """CLIP pixel values (B, 3, S, S) -> (B, E) unit-norm image embeddings."""
         out = []
         for i in range(0, len(px), self.batch):
-            e = self.model.visual_projection(self.model.vision_model(pixel_values=px[i:i + self.batch]).pooler_output)
+            e = self.model.visual_projection(
+                self.model.vision_model(pixel_values=px[i:i + self.batch]).pooler_output)
             out.append(torch.nn.functional.normalize(e.float(), dim=-1))
         return torch.cat(out)
 
@@ -336,7 +349,8 @@ class CLIPReward:
         for i in range(0, len(texts), self.batch):
             tok = self.tokenizer(texts[i:i + self.batch], padding="max_length", truncation=True,
                                  max_length=self.max_len, return_tensors="pt").to(self.device)
-            h = self.model.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+            h = self.model.text_model(input_ids=tok.input_ids,
+                                      attention_mask=tok.attention_mask).pooler_output
             out.append(torch.nn.functional.normalize(self.model.text_projection(h).float(), dim=-1))
         return torch.cat(out)
 
@@ -348,12 +362,14 @@ class CLIPReward:
                 return self.head(img).squeeze(-1).to(images.device)
         cos = (img * self.text_embeds(list(prompts))).sum(-1)  # (B,)
         scale = self.model.logit_scale.exp().float()
-        score = {"pickscore": scale * cos / 26, "clipscore": scale * cos / 30, "hpsv2": cos}[self.name]
+        score = {"pickscore": scale * cos / 26, "clipscore": scale * cos / 30,
+                 "hpsv2": cos}[self.name]
         return score.to(images.device)
 
 
 IMAGEREWARD = "THUDM/ImageReward"  # ImageReward.pt (BLIP ViT-L + BERT + MLP) and med_config.json
-IMAGEREWARD_NORM = (0.16717362830052426, 1.0333394966054072)  # its reward's mean and std, for (r - mean) / std
+IMAGEREWARD_NORM = (0.16717362830052426,
+                    1.0333394966054072)  # its reward's mean and std, for (r - mean) / std
 
 
 def imagereward_to_hf(sd):
@@ -362,9 +378,11 @@ def imagereward_to_hf(sd):
     pos_embed, blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm); its text
     encoder is BLIP's BERT with cross-attention, whose names transformers' BlipTextModel keeps."""
     vision, text, mlp = {}, {}, {}
-    names = [(r"^patch_embed\.proj\.", "embeddings.patch_embedding."), (r"^cls_token$", "embeddings.class_embedding"),
+    names = [(r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+             (r"^cls_token$", "embeddings.class_embedding"),
              (r"^pos_embed$", "embeddings.position_embedding"), (r"^blocks\.", "encoder.layers."),
-             (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."), (r"\.attn\.qkv\.", ".self_attn.qkv."),
+             (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."),
+             (r"\.attn\.qkv\.", ".self_attn.qkv."),
              (r"\.attn\.proj\.", ".self_attn.projection."), (r"^norm\.", "post_layernorm.")]
     for k, v in sd.items():
         if k.startswith("blip.visual_encoder."):
@@ -386,37 +404,48 @@ class ImageReward:
     reward = (mlp - mean) / std. The image gets CLIP's transform at 224 px, as the package's."""
 
     def __init__(self, model_id=None, device="cpu", tokenizer_id="bert-base-uncased"):
-        self.model_id, self.device, self.tokenizer_id, self.vision = model_id or IMAGEREWARD, torch.device(device), tokenizer_id, None
+        self.model_id, self.device, self.tokenizer_id, self.vision = (
+            model_id or IMAGEREWARD, torch.device(device), tokenizer_id, None)
 
     def load(self):
         if self.vision is not None:
             return self
         quiet()
         import json
-        from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
-        ckpt, med = (_hub_file("imagereward", self.model_id, f) for f in ("ImageReward.pt", "med_config.json"))
+        from transformers import (AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig,
+                                  BlipVisionModel)
+        ckpt, med = (_hub_file("imagereward", self.model_id, f)
+                     for f in ("ImageReward.pt", "med_config.json"))
 
         def build():
-            vision, text, mlp = imagereward_to_hf(torch.load(ckpt, map_location="cpu", weights_only=True))
+            vision, text, mlp = imagereward_to_hf(torch.load(ckpt, map_location="cpu",
+                                                             weights_only=True))
             m = json.load(open(med))
-            d, patch = vision["embeddings.class_embedding"].shape[-1], vision["embeddings.patch_embedding.weight"].shape[-1]
+            d, patch = (vision["embeddings.class_embedding"].shape[-1],
+                        vision["embeddings.patch_embedding.weight"].shape[-1])
             side = round((vision["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
             self.vision = BlipVisionModel(BlipVisionConfig(
                 hidden_size=d, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                num_hidden_layers=len({k.split(".")[2] for k in vision if k.startswith("encoder.layers.")}),
-                num_attention_heads=max(1, d // 64), image_size=side * patch, patch_size=patch, layer_norm_eps=1e-6))
+                num_hidden_layers=len({k.split(".")[2] for k in vision
+                                       if k.startswith("encoder.layers.")}),
+                num_attention_heads=max(1, d // 64), image_size=side * patch, patch_size=patch,
+                layer_norm_eps=1e-6))
             self.text = BlipTextModel(BlipTextConfig(
-                vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], num_hidden_layers=m["num_hidden_layers"],
-                num_attention_heads=m["num_attention_heads"], intermediate_size=m["intermediate_size"],
-                max_position_embeddings=m["max_position_embeddings"], layer_norm_eps=m["layer_norm_eps"],
-                encoder_hidden_size=m["encoder_width"], hidden_act=m["hidden_act"]), add_pooling_layer=False)
+                vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
+                num_hidden_layers=m["num_hidden_layers"],
+                num_attention_heads=m["num_attention_heads"],
+                intermediate_size=m["intermediate_size"],
+                max_position_embeddings=m["max_position_embeddings"],
+                layer_norm_eps=m["layer_norm_eps"], encoder_hidden_size=m["encoder_width"],
+                hidden_act=m["hidden_act"]), add_pooling_layer=False)
             self.mlp = AestheticMLP(m["hidden_size"])  # the same head layout (Linear, Dropout, ...)
             for module, state in [(self.vision, vision), (self.text, text), (self.mlp, mlp)]:
                 module.load_state_dict(state)
                 module.eval().requires_grad_(False).to(self.device)
             self.size = side * patch
         _load("imagereward", ckpt, build)
-        tok = self.model_id if os.path.isfile(os.path.join(self.model_id, "vocab.txt")) else self.tokenizer_id
+        tok = (self.model_id if os.path.isfile(os.path.join(self.model_id, "vocab.txt"))
+               else self.tokenizer_id)
         self.tokenizer = _load("imagereward", tok, lambda: AutoTokenizer.from_pretrained(tok))
         return self
 
@@ -427,8 +456,10 @@ class ImageReward:
         img = self.vision(pixel_values=px).last_hidden_state  # (B, 1 + patches, D_v)
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35,
                              return_tensors="pt").to(self.device)
-        h = self.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=img,
-                      encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long, device=self.device)
+        h = self.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                      encoder_hidden_states=img,
+                      encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long,
+                                                        device=self.device)
                       ).last_hidden_state[:, 0]
         mean, std = IMAGEREWARD_NORM
         return ((self.mlp(h.float()).squeeze(-1) - mean) / std).to(images.device)
@@ -438,24 +469,27 @@ class ImageReward:
 # GenEval's rules and thresholds: detections above 0.3 confidence (0.9 for counting prompts), at
 # most 16 per class; a colour is CLIP's zero-shot pick among 10 colours on the object's masked
 # crop; a relation holds when the box centres differ beyond 0.1 x the summed box sizes.
-GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
+                  "white"]
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_THRESHOLD = 0.3, 0.9, 16, 0.1
 # GenEval's class names (its object_names.txt): COCO's 80 detection classes in COCO's order
 GENEVAL_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
 # other spellings of those classes in detectors' label files (COCO's own, darknet's)
-CLASS_ALIASES = {"sofa": "couch", "motorbike": "motorcycle", "aeroplane": "airplane", "diningtable": "dining table",
-                 "pottedplant": "potted plant", "tvmonitor": "tv", "mouse": "computer mouse", "remote": "tv remote",
-                 "keyboard": "computer keyboard", "cellphone": "cell phone", "hair dryer": "hair drier",
-                 "sportsball": "sports ball", "donut": "donut", "doughnut": "donut"}
+CLASS_ALIASES = {"sofa": "couch", "motorbike": "motorcycle", "aeroplane": "airplane",
+                 "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv",
+                 "mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard",
+                 "cellphone": "cell phone", "hair dryer": "hair drier", "sportsball": "sports ball",
+                 "donut": "donut", "doughnut": "donut"}
 
 
 def geneval_classes(id2label):
@@ -463,7 +497,8 @@ def geneval_classes(id2label):
     relies on (it maps detections to names by index); other heads map by name, aliases applied."""
     if len(id2label) == len(GENEVAL_CLASSES):
         return list(GENEVAL_CLASSES)
-    names = [str(id2label[i]).lower().replace("_", " ").replace("-", " ") for i in range(len(id2label))]
+    names = [str(id2label[i]).lower().replace("_", " ").replace("-", " ")
+             for i in range(len(id2label))]
     return [CLASS_ALIASES.get(n, CLASS_ALIASES.get(n.replace(" ", ""), n)) for n in names]
 
 
@@ -515,13 +550,15 @@ def geneval_check(objects, meta, colours_of):
                 if groups[target] is None:
                     ok = False
                     reasons.append(f"no target for {cls} to be {rel}")
-                elif not all(rel in relative_position(o["box"], t["box"]) for o in found for t in groups[target]):
+                elif not all(rel in relative_position(o["box"], t["box"])
+                             for o in found for t in groups[target]):
                     ok = False
                     reasons.append(f"expected {cls} {rel} target")
         groups.append(found if ok else None)
     for req in meta.get("exclude", []):
         if len(objects.get(req["class"], [])) >= req["count"]:
-            reasons.append(f"expected {req['class']} < {req['count']}, found {len(objects[req['class']])}")
+            reasons.append(f"expected {req['class']} < {req['count']}, "
+                           f"found {len(objects[req['class']])}")
     return not reasons, "; ".join(reasons)
 
 
@@ -565,7 +602,8 @@ class GenEval:
     DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 
     def __init__(self, model_id=None, device="cpu", clip_id=CLIP_L, partial=False):
-        self.detector_id, self.device, self.partial = model_id or self.DETECTOR, torch.device(device), partial
+        self.detector_id, self.device, self.partial = (model_id or self.DETECTOR,
+                                                       torch.device(device), partial)
         self.clip = CLIPReward("clipscore", clip_id, device, label="geneval")
         self.detector, self.palette = None, {}
 
@@ -577,7 +615,8 @@ class GenEval:
 
             def build():  # the verdict and the partial score share one detector
                 proc = _load("geneval", i, lambda: AutoImageProcessor.from_pretrained(i))
-                det = _load("geneval", i, lambda: Mask2FormerForUniversalSegmentation.from_pretrained(i))
+                det = _load("geneval", i,
+                            lambda: Mask2FormerForUniversalSegmentation.from_pretrained(i))
                 return proc, det.eval().requires_grad_(False).to(self.device)
             if (i, str(self.device)) not in _SHARED:
                 _SHARED[(i, str(self.device))] = build()
@@ -588,14 +627,16 @@ class GenEval:
 
     @torch.no_grad()
     def detect(self, images):
-        """(B, 3, H, W) in [0, 1] -> per image [{'class', 'score', 'box' (x0, y0, x1, y1), 'mask'}]."""
+        """(B, 3, H, W) in [0, 1] -> per image [{'class', 'score', 'box' (x0, y0, x1, y1),
+        'mask'}]."""
         from PIL import Image
         self.load()
         H, W = images.shape[-2:]
         ims = [Image.fromarray(im) for im in uint8(images)]
         inputs = self.processor(images=ims, return_tensors="pt").to(self.device)
         res = self.processor.post_process_instance_segmentation(
-            self.detector(**inputs), threshold=THRESHOLD, target_sizes=[(H, W)] * len(ims), return_binary_maps=True)
+            self.detector(**inputs), threshold=THRESHOLD, target_sizes=[(H, W)] * len(ims),
+            return_binary_maps=True)
         out = []
         for r in res:
             dets = []
@@ -603,8 +644,10 @@ class GenEval:
                 mask = r["segmentation"][k].bool().cpu()
                 if mask.any():
                     ys, xs = mask.nonzero(as_tuple=True)
-                    box = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
-                    dets.append({"class": self.names[seg["label_id"]], "score": seg["score"], "box": box, "mask": mask})
+                    box = (xs.min().item(), ys.min().item(), xs.max().item() + 1,
+                           ys.max().item() + 1)
+                    dets.append({"class": self.names[seg["label_id"]], "score": seg["score"],
+                                 "box": box, "mask": mask})
             out.append(dets)
         return out
 
@@ -615,7 +658,8 @@ class GenEval:
         im, out = image.float().cpu(), []
         for d in dets:
             x0, y0, x1, y1 = [int(v) for v in d["box"]]
-            masked = im if d.get("mask") is None else torch.where(d["mask"], im, torch.full_like(im, 0.6))
+            masked = (im if d.get("mask") is None
+                      else torch.where(d["mask"], im, torch.full_like(im, 0.6)))
             out.append(self.clip.pixels(masked[None, :, y0:y1, x0:x1]))
         return torch.cat(out)
 
@@ -624,15 +668,18 @@ class GenEval:
         """CLIP's zero-shot colour of each detection (GenEval's three prompts per colour)."""
         self.load()
         if cls not in self.palette:
-            temps = [f"a photo of a {{}} {cls}", f"a photo of a {{}}-colored {cls}", "a photo of a {} object"]
-            e = torch.stack([self.clip.text_embeds([t.format(c) for c in GENEVAL_COLORS]) for t in temps])
+            temps = [f"a photo of a {{}} {cls}", f"a photo of a {{}}-colored {cls}",
+                     "a photo of a {} object"]
+            e = torch.stack([self.clip.text_embeds([t.format(c) for c in GENEVAL_COLORS])
+                             for t in temps])
             self.palette[cls] = torch.nn.functional.normalize(e.mean(0), dim=-1)  # (10, E)
         picks = (self.clip.embed_pixels(self.crops(image, dets)) @ self.palette[cls].T).argmax(-1)
         return [GENEVAL_COLORS[i] for i in picks.tolist()]
 
     def verdicts(self, images, metadata):
         """[(correct, reasons)] for each image under its GenEval metadata."""
-        return [geneval_check(geneval_select(dets, m.get("tag")), m, lambda c, ds, im=im: self.colours(im, c, ds))
+        return [geneval_check(geneval_select(dets, m.get("tag")), m,
+                              lambda c, ds, im=im: self.colours(im, c, ds))
                 for im, dets, m in zip(images, self.detect(images), self._meta(metadata))]
 
     def _meta(self, metadata):
@@ -643,9 +690,13 @@ class GenEval:
 
     def __call__(self, images, prompts, metadata=None):
         if not self.partial:
-            return torch.tensor([float(ok) for ok, _ in self.verdicts(images, metadata)], device=images.device)
-        return torch.tensor([geneval_partial(geneval_select(dets, m.get("tag")), m, lambda c, ds, im=im: self.colours(im, c, ds))
-                             for im, dets, m in zip(images, self.detect(images), self._meta(metadata))], device=images.device)
+            return torch.tensor([float(ok) for ok, _ in self.verdicts(images, metadata)],
+                                device=images.device)
+        return torch.tensor([geneval_partial(geneval_select(dets, m.get("tag")), m,
+                                             lambda c, ds, im=im: self.colours(im, c, ds))
+                             for im, dets, m in zip(images, self.detect(images),
+                                                    self._meta(metadata))],
+                            device=images.device)
 
 
 def export_geneval(folder, metas, prompt_index, seed_index, images):
@@ -669,13 +720,19 @@ REGISTRY = {  # name -> (factory(model_id or None, device) -> fn, what it needs)
     "jpeg_compressibility": (lambda i, d: jpeg_compressibility, "Pillow"),
     "jpeg_incompressibility": (lambda i, d: jpeg_incompressibility, "Pillow"),
     "ocr": (lambda i, d: OCR(d), "rapidocr-onnxruntime (models ship in the wheel: offline)"),
-    "pickscore": (lambda i, d: CLIPReward("pickscore", i, d), f"transformers + {CLIP_MODELS['pickscore'][0]} (hub)"),
+    "pickscore": (lambda i, d: CLIPReward("pickscore", i, d),
+                  f"transformers + {CLIP_MODELS['pickscore'][0]} (hub)"),
     "clipscore": (lambda i, d: CLIPReward("clipscore", i, d), f"transformers + {CLIP_L} (hub)"),
-    "hpsv2": (lambda i, d: CLIPReward("hpsv2", i, d), f"transformers + xswu/HPSv2/{HPS_FILE} (hub, open_clip format)"),
-    "aesthetic": (lambda i, d: CLIPReward("aesthetic", i, d), f"transformers + {CLIP_L} + {'/'.join(AESTHETIC_HEAD)} (hub)"),
-    "imagereward": (lambda i, d: ImageReward(i, d), f"transformers (BLIP) + {IMAGEREWARD} + bert-base-uncased (hub)"),
-    "geneval": (lambda i, d: GenEval(i, d), f"transformers + scipy + {GenEval.DETECTOR} + {CLIP_L} (hub); GenEval metadata"),
-    "geneval_partial": (lambda i, d: GenEval(i, d, partial=True), "as geneval; Flow-GRPO's partial score"),
+    "hpsv2": (lambda i, d: CLIPReward("hpsv2", i, d),
+              f"transformers + xswu/HPSv2/{HPS_FILE} (hub, open_clip format)"),
+    "aesthetic": (lambda i, d: CLIPReward("aesthetic", i, d),
+                  f"transformers + {CLIP_L} + {'/'.join(AESTHETIC_HEAD)} (hub)"),
+    "imagereward": (lambda i, d: ImageReward(i, d),
+                    f"transformers (BLIP) + {IMAGEREWARD} + bert-base-uncased (hub)"),
+    "geneval": (lambda i, d: GenEval(i, d),
+                f"transformers + scipy + {GenEval.DETECTOR} + {CLIP_L} (hub); GenEval metadata"),
+    "geneval_partial": (lambda i, d: GenEval(i, d, partial=True),
+                        "as geneval; Flow-GRPO's partial score"),
 }
 
 
@@ -695,7 +752,8 @@ def load(spec, device="cpu", eager=False):
             raise ValueError(f"bad weight {w!r} for reward {name!r} in {spec!r}") from None
         if not w > 0 or w == float("inf"):
             raise ValueError(f"reward weights must be positive and finite: {item!r}")
-        if model_id and name in ("color", "position", "jpeg", "jpeg_compressibility", "jpeg_incompressibility", "ocr"):
+        if model_id and name in ("color", "position", "jpeg", "jpeg_compressibility",
+                                 "jpeg_incompressibility", "ocr"):
             raise ValueError(f"reward {name!r} has no model to choose: {item!r}")
         fn = REGISTRY[name][0](model_id or None, device)
         if eager and hasattr(fn, "load"):
@@ -729,8 +787,10 @@ def time_per_image(spec, size=512, n=8):
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="rewards for DiffusionOPD")
-    ap.add_argument("--list", action="store_true", help="print the registry and what each reward needs")
-    ap.add_argument("--time", metavar="SPEC", help="measure seconds per image of these rewards on CPU")
+    ap.add_argument("--list", action="store_true",
+                    help="print the registry and what each reward needs")
+    ap.add_argument("--time", metavar="SPEC",
+                    help="measure seconds per image of these rewards on CPU")
     ap.add_argument("--size", type=int, default=512, help="--time: image size")
     args = ap.parse_args()
     if args.list:
@@ -739,7 +799,8 @@ if __name__ == "__main__":
     elif args.time:
         for name in args.time.split(","):
             try:
-                print(f"{name:<24} {time_per_image(name, args.size):.4f} s/image at {args.size}x{args.size}")
+                print(f"{name:<24} {time_per_image(name, args.size):.4f} s/image "
+                      f"at {args.size}x{args.size}")
             except (ValueError, RewardError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 sys.exit(2)

@@ -46,8 +46,9 @@ class VelocityMLP(nn.Module):
     def __init__(self, hidden=128):
         super().__init__()
         self.emb = nn.Embedding(N_PROMPTS, 16)
-        self.net = nn.Sequential(nn.Linear(2 + 8 + 16, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                 nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+        self.net = nn.Sequential(nn.Linear(2 + 8 + 16, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, x, t, prompt):
         t = torch.as_tensor(t, dtype=torch.float32).expand(x.shape[0])[:, None]
@@ -113,7 +114,8 @@ def grpo_update(model, opt, task_prompts, g, group=16, noise_level=0.7, clip=1e-
     for j in range(N):
         mu, _ = transition(traj["states"][:, j], model(traj["states"][:, j], SIGMAS[j], p),
                            SIGMAS[j], SIGMAS[j + 1], noise_level)
-        ratio = log_ratio(mu, traj["means"][:, j], traj["states"][:, j + 1], traj["stds"][:, j]).exp()
+        ratio = log_ratio(mu, traj["means"][:, j], traj["states"][:, j + 1],
+                          traj["stds"][:, j]).exp()
         # GRPO-Guard: RatioNorm's ratio, the clipped loss divided by |dt_j|
         loss = clipped_loss(ratio, adv, clip) / abs(float(SIGMAS[j + 1] - SIGMAS[j]))
         (loss.mean() / N).backward()
@@ -187,7 +189,8 @@ def part_grad(base, teacher, quick):
     for a in [1.0, 0.7, 0.3, 0.1]:
         eps = torch.randn(n_draws, 64, 2, generator=g)
         g_c = flat(grad(loss_at)(params, x, eps[0], a, "closed"))
-        g_p = flat(vmap(grad(loss_at), in_dims=(None, None, 0, None, None))(params, x, eps, a, "ppo"), True)
+        g_p = flat(vmap(grad(loss_at), in_dims=(None, None, 0, None, None))(params, x, eps, a,
+                                                                            "ppo"), True)
         mean, var = g_p.mean(0), g_p.var(0).sum()  # total variance = trace of the covariance
         rel = (mean - g_c).norm() / g_c.norm()
         se = (var / n_draws).sqrt() / g_c.norm()
@@ -214,21 +217,25 @@ def part_grad(base, teacher, quick):
                 xs = states[jj][None]
                 v_s = functional_call(base, prm, (xs, SIGMAS[jj], pr))
                 with torch.no_grad():
-                    mu_t, _ = transition(xs, teacher(xs, SIGMAS[jj], pr), SIGMAS[jj], SIGMAS[jj + 1], a)
+                    mu_t, _ = transition(xs, teacher(xs, SIGMAS[jj], pr), SIGMAS[jj],
+                                         SIGMAS[jj + 1], a)
                 mu_s, std = transition(xs, v_s, SIGMAS[jj], SIGMAS[jj + 1], a)
                 x_next = mu_s + bcast(std, mu_s) * eps[jj][None]
                 tot = tot + step_loss(mu_s, mu_t, std, x_next, SIGMAS[jj + 1] - SIGMAS[jj],
                                       Sampler(SIGMAS, a, loss=kind)).sum()
             return tot
-        vc = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps, "closed"), True).var(0).sum()
-        vp = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps, "ppo"), True).var(0).sum()
+        vc = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps,
+                                                                    "closed"), True).var(0).sum()
+        vp = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps,
+                                                                    "ppo"), True).var(0).sum()
         print(f"{a:5.1f} {vc:11.4g} {vp:11.4g} {vp / vc:11.3g}")
         rows.append((a, vc.item(), vp.item()))
     return rows
 
 
 def part_noise(base, quick):
-    print("\n== noise: distil one teacher (task 'upper') with rollouts at different noise levels ==")
+    print("\n== noise: distil one teacher (task 'upper') with rollouts at different noise "
+          "levels ==")
     teacher = rl(base, ["upper"], 60 if quick else 150, seed=2)
     r_base, r_teacher = task_reward(base, "upper"), task_reward(teacher, "upper")
     print(f"reward: base {r_base:.3f}, teacher {r_teacher:.3f}")
@@ -271,7 +278,8 @@ def part_multitask(base, quick):
         avg = sum((r[k] - lo[k]) / (hi[k] - lo[k] + 1e-12) for k in TASKS) / len(TASKS)
         r["avg"] = avg
         print(f"{name:<14}" + "".join(f"{r[k]:9.3f}" for k in TASKS) + f"{avg:9.3f}")
-    print("(reward per task on its own prompts, ODE samples; avg = mean of min-max-normalised scores)")
+    print("(reward per task on its own prompts, ODE samples; avg = mean of min-max-normalised "
+          "scores)")
     return table, models
 
 
@@ -289,7 +297,11 @@ def figure(models, noise, path="sanity.png"):
         for k, c in zip(TASKS, ["tab:blue", "tab:orange", "tab:green"]):
             x, _ = samples(models[name], TASKS[k][0], 150, seed=7)
             ax.scatter(x[:, 0], x[:, 1], s=2, c=c, label=k)
-        ax.set_title(name, fontsize=9); ax.set_xlim(-3, 3); ax.set_ylim(-3, 3); ax.set_xticks([]); ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(-3, 3)
+        ax.set_ylim(-3, 3)
+        ax.set_xticks([])
+        ax.set_yticks([])
     axes[0].legend(fontsize=6, markerscale=3)
     if noise:
         ax = axes[-1]
@@ -312,7 +324,8 @@ def main(argv=None):
     base = pretrain_base(600 if args.quick else 2000)
     out = {}
     if args.part in ("all", "grad"):
-        out["grad"] = part_grad(base, rl(base, ["upper"], 20 if args.quick else 60, seed=1), args.quick)
+        out["grad"] = part_grad(base, rl(base, ["upper"], 20 if args.quick else 60, seed=1),
+                                args.quick)
     if args.part in ("all", "noise"):
         out["noise"] = part_noise(base, args.quick)
     if args.part in ("all", "multitask"):

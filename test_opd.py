@@ -33,7 +33,8 @@ def rederived_mean(x, v, t, tn, a):
     """METHOD.md's second (expanded) form of the mean, written independently."""
     sig = a * math.sqrt(t / ((1 - tn) if t >= 1 else (1 - t)))
     dt = tn - t
-    return (1 + sig**2 * dt / (2 * t)) * x + (1 + sig**2 * (1 - t) / (2 * t)) * v * dt, sig * math.sqrt(-dt)
+    return ((1 + sig**2 * dt / (2 * t)) * x + (1 + sig**2 * (1 - t) / (2 * t)) * v * dt,
+            sig * math.sqrt(-dt))
 
 
 @pytest.mark.parametrize("j", [0, 3, 8])
@@ -63,8 +64,10 @@ def test_ode_is_euler_fp32_and_draws_no_noise():
     x_next, mu, std = opd.sde_step(x, v, 0.6, 0.5, 0.0, generator=g)
     assert x_next.dtype == torch.float32 and torch.equal(g.get_state(), state)
     assert torch.allclose(x_next, x.float() + v.float() * (0.5 - 0.6)) and std.eq(0).all()
-    none = opd.rollout(lambda x, t: x, x, opd.sd3_sigmas(4)[:1], 0.0)  # no step (DMD / TDM at k = 0)
-    assert torch.equal(none["states"][:, 0], x.float()) and none["means"].shape == (len(x), 0, *x.shape[1:])
+    none = opd.rollout(lambda x, t: x, x,
+                       opd.sd3_sigmas(4)[:1], 0.0)  # no step (DMD / TDM at k = 0)
+    assert (torch.equal(none["states"][:, 0], x.float())
+            and none["means"].shape == (len(x), 0, *x.shape[1:]))
 
 
 def test_closed_form_kl_matches_monte_carlo():
@@ -78,12 +81,14 @@ def test_closed_form_kl_matches_monte_carlo():
     closed = opd.opd_loss(mu_s[None], mu_t[None], torch.tensor([s]))[0] * D
     assert abs(closed - mc) < 4 * se
     # ODE (std = 0): 1/2 ||mu_S - mu_T||^2 / D
-    assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None], torch.zeros(1))[0], 0.5 * (mu_s - mu_t).pow(2).mean())
+    assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None], torch.zeros(1))[0],
+                          0.5 * (mu_s - mu_t).pow(2).mean())
 
 
 def test_sde_weight_sigma_is_the_public_codes_one_over_two_sigma_squared():
-    """--sde_weight sigma: ||mu_S - mu_T||^2 / D / (2 sigma_t^2), sigma_t = a sqrt(t / (1 - t)) written
-    out here, against Eq. 11's 1 / (2 std^2), std = sigma_t sqrt(|dt|): their ratio is |dt|."""
+    """--sde_weight sigma: ||mu_S - mu_T||^2 / D / (2 sigma_t^2), sigma_t = a sqrt(t / (1 - t))
+    written out here, against Eq. 11's 1 / (2 std^2), std = sigma_t sqrt(|dt|): their ratio is
+    |dt|."""
     g = torch.Generator().manual_seed(0)
     sig = opd.sd3_sigmas(10)
     t, t_next, a = sig[3].item(), sig[4].item(), 0.7
@@ -92,8 +97,10 @@ def test_sde_weight_sigma_is_the_public_codes_one_over_two_sigma_squared():
     mu_t, _ = opd.transition(x, v_t, t, t_next, a)
     sigma2 = a**2 * t / (1 - t)
     d2 = (mu_s - mu_t).pow(2).flatten(1).mean(1)
-    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std, t_next - t, "sigma"), d2 / (2 * sigma2), rtol=1e-5)
-    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std), d2 / (2 * sigma2 * (t - t_next)), rtol=1e-5)
+    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std, t_next - t, "sigma"), d2 / (2 * sigma2),
+                          rtol=1e-5)
+    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std), d2 / (2 * sigma2 * (t - t_next)),
+                          rtol=1e-5)
     zero = torch.zeros(2)  # ODE rows keep 1/2 under either weight
     assert torch.equal(opd.opd_loss(mu_s, mu_t, zero, t_next - t, "sigma"), 0.5 * d2)
 
@@ -224,7 +231,8 @@ def test_nft_loss_minimum_is_the_positive_policy_on_target():
 
 def test_nft_old_adapter_decay_schedule():
     c = config.Config(nft_decay="75,0.0075,0.999")  # DiffusionNFT's OCR schedule
-    assert [opd.nft_decay(c, s) for s in (0, 74, 75, 100, 1000)] == [0.0, 0.0, 0.0, pytest.approx(0.1875), 0.999]
+    assert ([opd.nft_decay(c, s) for s in (0, 74, 75, 100, 1000)]
+            == [0.0, 0.0, 0.0, pytest.approx(0.1875), 0.999])
     c = config.Config()  # GenEval's: min(0.001 step, 0.5)
     assert opd.nft_decay(c, 10) == pytest.approx(0.01) and opd.nft_decay(c, 900) == 0.5
 
@@ -281,15 +289,18 @@ def test_sanity_quick():
     for a, rel, se, _ in out["grad"][:n_fixed]:
         assert rel < 4 * se + 0.02  # PPO is unbiased ...
     rel_var = [row[3] for row in out["grad"][:n_fixed]]
-    assert rel_var[-1] > 5 * rel_var[0]  # ... with a variance that grows as a shrinks (a = 1 -> 0.1)
+    assert rel_var[-1] > 5 * rel_var[0]  # ... with a variance that grows as a shrinks
+                                         # (a = 1 -> 0.1)
     traj = out["grad"][n_fixed:]
-    assert all(vp > vc for _, vc, vp in traj) and traj[-1][2] / traj[-1][1] > traj[0][2] / traj[0][1]
+    assert (all(vp > vc for _, vc, vp in traj)
+            and traj[-1][2] / traj[-1][1] > traj[0][2] / traj[0][1])
     noise = out["noise"]
     assert noise["teacher"] > noise["base"] + 0.3 and noise["hit"][0.0] is not None
     t = out["multitask"]
     for k in ("upper", "right", "mode"):
         gain = t[f"teacher-{k}"][k] - t["base"][k]
-        assert gain > 0.3 and t["OPD"][k] - t["base"][k] > 0.8 * gain  # OPD keeps >= 80% of each gain
+        assert (gain > 0.3
+                and t["OPD"][k] - t["base"][k] > 0.8 * gain)  # OPD keeps >= 80% of each gain
     assert t["OPD"]["avg"] > max(t["joint RL"]["avg"], t["cascade RL"]["avg"])
 
 
@@ -377,8 +388,8 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
 
 
 def test_teacher_metrics_log_each_update_and_the_clip_acts(teacher_dir):
-    """The tiny GRPO-Guard teacher (one epoch, two updates): clipfrac and mean |ratio - 1| per update,
-    0 on the on-policy first, above 0 on the second."""
+    """The tiny GRPO-Guard teacher (one epoch, two updates): clipfrac and mean |ratio - 1| per
+    update, 0 on the on-policy first, above 0 on the second."""
     rows = [json.loads(l) for l in open(os.path.join(teacher_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2] and "reward_color" in rows[0]
     assert rows[0]["clipfrac"] == 0 and rows[0]["ratio_dev"] < 1e-6
@@ -432,13 +443,17 @@ def test_reduced_run_teacher_beats_base_and_student_keeps_it(tmp_path):
     sign, a swapped side, a lost gradient or an unloaded adapter would miss, and the student
     distilled from it must keep most of that gain (the full run's bar is 80%; here half)."""
     out = str(tmp_path / "run")
-    r = run("--tasks", "position", "--optim_steps", "30", "--eval_sampler_steps", "20", "--out", out)
+    r = run("--tasks", "position", "--optim_steps", "30", "--eval_sampler_steps", "20",
+            "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     table = json.load(open(os.path.join(out, "eval.json")))
-    base, teacher, student = (table[k]["position"] for k in ("base", "teacher-position", "student"))
-    assert teacher - base > 0.03, table  # measured with the one-update teachers of an earlier version: +0.168, student +0.173
+    base, teacher, student = (table[k]["position"]
+                              for k in ("base", "teacher-position", "student"))
+    assert teacher - base > 0.03, table  # measured with the one-update teachers of an earlier
+                                         # version: +0.168, student +0.173
     assert student - base > 0.5 * (teacher - base), table
-    assert table["student"]["seconds"] > 0 and "| student |" in open(os.path.join(out, "eval.md")).read()
+    assert (table["student"]["seconds"] > 0
+            and "| student |" in open(os.path.join(out, "eval.md")).read())
     r = run("--stage", "distill", "--tasks", "position", "--out", out)  # a finished stage is reused
     assert r.returncode == 0 and "reused" in r.stdout
 
@@ -447,24 +462,30 @@ def test_reduced_nft_teacher_improves_its_task(tmp_path):
     """A DiffusionNFT teacher (CFG-free ODE samples of the old adapter, the forward-process loss)
     on the colour task beats the base, both sampled CFG-free as NFT's models are evaluated."""
     out = str(tmp_path / "nft")
-    r = run("--stage", "teacher", "--task", "color", "--algo", "nft", "--optim_steps", "30", "--out", out)
+    r = run("--stage", "teacher", "--task", "color", "--algo", "nft", "--optim_steps", "30",
+            "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(os.path.join(out, "teacher-color", "config.json")))["guidance"] == 1.0
     r = run("--stage", "eval", "--tasks", "color", "--eval_sampler_steps", "20", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    table = json.load(open(os.path.join(out, "eval.json")))  # the base at CFG 4.5, the NFT teacher at 1
-    cfg = config.resolve(config.parse_config(["--stage", "eval", "--tasks", "color", "--eval_sampler_steps", "20"]), "eval")
+    table = json.load(open(os.path.join(out, "eval.json")))  # the base at CFG 4.5, the NFT
+                                                             # teacher at 1
+    cfg = config.resolve(config.parse_config(["--stage", "eval", "--tasks", "color",
+                                              "--eval_sampler_steps", "20"]), "eval")
     dev = torch.device("cpu")
     m = sd3.SD3(sd3.load_pipeline(cfg, dev), cfg, dev)
-    base_cfg_free = evaluation.held_out(cfg, m, [prompts.make_task("color", cfg)], None, 1.0)["color"]
-    assert table["teacher-color"]["color"] - base_cfg_free > 0.04, (table, base_cfg_free)  # measured with fixed timesteps (an earlier version): +0.101
+    base_cfg_free = evaluation.held_out(cfg, m, [prompts.make_task("color", cfg)], None,
+                                        1.0)["color"]
+    assert table["teacher-color"]["color"] - base_cfg_free > 0.04, (
+        table, base_cfg_free)  # measured with fixed timesteps (an earlier version): +0.101
 
 
 def test_base_only_eval_and_eval_of_any_subset(tmp_path, teacher_dir):
     """--stage eval on a fresh --out evaluates the base alone (it crashed in peft before); with
     one teacher folder and an extra --lora it evaluates those."""
     out = str(tmp_path / "fresh")
-    small = ["--stage", "eval", "--tasks", "color", "--eval_sampler_steps", "3", "--eval_prompts", "1", "--eval_seeds", "1"]
+    small = ["--stage", "eval", "--tasks", "color", "--eval_sampler_steps", "3",
+             "--eval_prompts", "1", "--eval_seeds", "1"]
     r = run(*small, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(json.load(open(os.path.join(out, "eval.json")))) == ["base"]

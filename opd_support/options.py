@@ -37,8 +37,10 @@ def num(typ, lo, hi=math.inf, lo_open=False, hi_open=False):
          f" {'>' if lo_open else '>='} {lo}")
     isnum = (lambda v: type(v) is int) if typ is int else \
         (lambda v: type(v) in (int, float) and math.isfinite(v))
-    ok = lambda v: isnum(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    return Rule("num", dict(typ=typ, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open), words, ok, typ)
+    ok = lambda v: (isnum(v) and (v > lo if lo_open else v >= lo)
+                    and (v < hi if hi_open else v <= hi))
+    return Rule("num", dict(typ=typ, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open), words, ok,
+                typ)
 
 
 def one_of(*xs):
@@ -50,7 +52,8 @@ def names(xs):
     def ok(v):
         items = v.split(",")
         return bool(v) and all(i in xs for i in items) and len(set(items)) == len(items)
-    return Rule("names", dict(choices=xs), "distinct comma-separated names among " + ", ".join(xs), ok)
+    return Rule("names", dict(choices=xs), "distinct comma-separated names among " + ", ".join(xs),
+                ok)
 
 
 def pairs(keys, value):
@@ -63,7 +66,8 @@ def pairs(keys, value):
                 and value.ok(value.parse(x.strip())) for k, sep, x in items)
         except ValueError:
             return False
-    says = f"NAME=VALUE pairs, NAME {'among ' + ', '.join(keys) if keys else 'any'}, VALUE {value.says}"
+    says = (f"NAME=VALUE pairs, NAME {'among ' + ', '.join(keys) if keys else 'any'}, "
+            f"VALUE {value.says}")
     return Rule("pairs", dict(keys=keys, value=value), says, ok)
 
 
@@ -145,4 +149,5 @@ def check_fields(cfg):
         v, rule = getattr(cfg, f.name), f.metadata["rule"]
         if not rule.ok(v):
             reason = rule.why(v) if rule.why else None
-            raise UserError(f"--{f.name}: got {v!r}, accepts {rule.says}" + (f" ({reason})" if reason else ""))
+            raise UserError(f"--{f.name}: got {v!r}, accepts {rule.says}" +
+                            (f" ({reason})" if reason else ""))

@@ -65,7 +65,8 @@ def make_task(name, cfg, device="cpu"):
     if name == "geneval" and not cfg.reward and any(p not in meta for p in train + test):
         raise UserError("--task geneval needs GenEval metadata: --prompts a jsonl with one "
                         '{"prompt": ..., "tag": ..., "include": [...]} a line')
-    specs = (cfg.reward,) * 2 if cfg.reward else (name,) * 2 if name in TOY_TASKS else REAL_TASKS[name]
+    specs = ((cfg.reward,) * 2 if cfg.reward
+             else (name,) * 2 if name in TOY_TASKS else REAL_TASKS[name])
     try:
         reward = rewards.load(specs[0], device, eager=True)
         eval_reward = reward if specs[1] == specs[0] else rewards.load(specs[1], device, eager=True)
@@ -109,7 +110,8 @@ def read(path):
             except json.JSONDecodeError:
                 m = None
             if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-                raise UserError(f'{path}: a line is not a JSON object with a "prompt": {line[:60]!r}')
+                raise UserError(f'{path}: a line is not a JSON object with a "prompt": '
+                                f'{line[:60]!r}')
             prompts.append(m["prompt"]); meta[m["prompt"]] = m
         else:
             prompts.append(line)
@@ -140,14 +142,18 @@ def geneval(n=1000, seed=0):
     g = torch.Generator().manual_seed(seed)
     pick = lambda k, m: torch.randperm(m, generator=g)[:k].tolist()
     things = [c for c in C if c != "person"]
-    out = [dict(tag="single_object", include=[{"class": c, "count": 1}], prompt=f"a photo of {with_article(c)}") for c in C]
-    out += [dict(tag="counting", include=[{"class": c, "count": k}], exclude=[{"class": c, "count": k + 1}],
+    out = [dict(tag="single_object", include=[{"class": c, "count": 1}],
+                prompt=f"a photo of {with_article(c)}") for c in C]
+    out += [dict(tag="counting", include=[{"class": c, "count": k}],
+                 exclude=[{"class": c, "count": k + 1}],
                  prompt=f"a photo of {NUMBERS[k]} {plural(c)}") for c in C for k in (2, 3, 4)]
-    out += [dict(tag="colors", include=[{"class": c, "count": 1, "color": k}], prompt=f"a photo of {with_article(k)} {c}")
+    out += [dict(tag="colors", include=[{"class": c, "count": 1, "color": k}],
+                 prompt=f"a photo of {with_article(k)} {c}")
             for c in things for k in K]
     for _ in range(n):
         a, b = pick(2, len(C))
-        out.append(dict(tag="two_object", include=[{"class": C[a], "count": 1}, {"class": C[b], "count": 1}],
+        out.append(dict(tag="two_object",
+                        include=[{"class": C[a], "count": 1}, {"class": C[b], "count": 1}],
                         prompt=f"a photo of {with_article(C[a])} and {with_article(C[b])}"))
         a, b = pick(2, len(C))
         rel = RELATIONS[pick(1, 4)[0]]
@@ -155,16 +161,19 @@ def geneval(n=1000, seed=0):
                                                  {"class": C[a], "count": 1, "position": [rel, 0]}],
                         prompt=f"a photo of {with_article(C[a])} {rel} {with_article(C[b])}"))
         (a, b), (ka, kb) = pick(2, len(things)), pick(2, len(K))
-        out.append(dict(tag="color_attr", include=[{"class": things[a], "count": 1, "color": K[ka]},
-                                                   {"class": things[b], "count": 1, "color": K[kb]}],
-                        prompt=f"a photo of {with_article(K[ka])} {things[a]} and {with_article(K[kb])} {things[b]}"))
+        out.append(dict(tag="color_attr",
+                        include=[{"class": things[a], "count": 1, "color": K[ka]},
+                                 {"class": things[b], "count": 1, "color": K[kb]}],
+                        prompt=f"a photo of {with_article(K[ka])} {things[a]} and "
+                               f"{with_article(K[kb])} {things[b]}"))
     return list({m["prompt"]: m for m in out}.values())  # de-duplicated, first kept
 
 
 # ---------------------------------------------------------------------------------- OCR
 SCENES = [
     'a wooden sign by a forest trail that reads "{}"', 'a neon sign in a dark alley saying "{}"',
-    'a chalkboard menu outside a cafe with "{}" written on it', 'a t-shirt printed with the words "{}"',
+    'a chalkboard menu outside a cafe with "{}" written on it',
+    'a t-shirt printed with the words "{}"',
     'a vintage book cover titled "{}"', 'a birthday cake with "{}" written in icing',
     'a street banner over a busy road that says "{}"', 'a coffee mug with "{}" printed on it',
     'a handwritten note on a desk that says "{}"', 'a billboard on a highway with the slogan "{}"',
@@ -176,15 +185,15 @@ SCENES = [
     'a sand beach with "{}" written in the sand', 'a glowing hologram spelling "{}"',
     'a wooden crate labelled "{}"', 'a notebook cover with "{}" on it',
 ]
-WORDS = """hello world open closed sale welcome home coffee bakery garden river ocean mountain sunrise
-sunset forest library museum station market harbor bridge castle village city night morning
+WORDS = """hello world open closed sale welcome home coffee bakery garden river ocean mountain
+sunrise sunset forest library museum station market harbor bridge castle village city night morning
 summer winter autumn spring dream hope love peace joy freedom future past stay calm keep going
 fresh bread hot soup cold drinks fast food free wifi no parking exit enter push pull danger quiet
 please thank you good luck happy birthday best wishes grand opening last chance new arrivals
 music dance party festival cinema theater gallery studio workshop factory office school college
 apple banana cherry lemon mango orange peach pepper tomato potato carrot onion garlic honey sugar
-salt tea milk juice water fire earth wind storm thunder rain snow cloud star moon sun planet
-rocket robot dragon tiger eagle wolf bear fox owl whale shark turtle rabbit horse zebra lion""".split()
+salt tea milk juice water fire earth wind storm thunder rain snow cloud star moon sun planet rocket
+robot dragon tiger eagle wolf bear fox owl whale shark turtle rabbit horse zebra lion""".split()
 
 
 def ocr(n=4000, seed=0):
@@ -194,32 +203,39 @@ def ocr(n=4000, seed=0):
     for _ in range(n):
         k = 1 + int(torch.randint(3, (), generator=g))
         words = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=g).tolist())
-        out.append(SCENES[int(torch.randint(len(SCENES), (), generator=g))].format(words.title() if k > 1 else words))
+        out.append(SCENES[int(torch.randint(len(SCENES), (), generator=g))]
+                   .format(words.title() if k > 1 else words))
     return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------------- aesthetic
-SUBJECTS = ["an old fisherman mending a net", "a red fox in fresh snow", "a lighthouse on a rocky coast",
-            "a bowl of ramen", "a cat asleep on a windowsill", "a mountain lake at dawn", "a busy night market",
-            "a dancer mid-leap", "a vintage car on a desert road", "a field of sunflowers", "a gothic cathedral",
-            "a hummingbird at a flower", "a cozy reading nook", "a waterfall in a jungle", "a city skyline in rain",
-            "a child flying a kite", "a steaming cup of tea", "an astronaut on a quiet planet", "a koi pond",
-            "a snowy village at night", "a wolf howling at the moon", "a sailing ship in a storm",
-            "a bouquet of peonies", "a desert canyon", "a street musician", "a castle on a hill",
-            "a bamboo forest", "a portrait of a young woman with freckles", "a steam train on a viaduct",
-            "an owl on a branch", "a tropical beach at sunset", "a bustling train station", "a glass of red wine"]
-SETTINGS = ["at golden hour", "in soft morning light", "under a starry sky", "in thick fog", "after rain",
-            "in autumn", "in spring bloom", "at blue hour", "lit by candles", "in winter", "on a summer afternoon"]
-STYLES = ["cinematic photograph, 35mm", "oil painting", "watercolor illustration", "studio photograph, 85mm",
-          "digital art, highly detailed", "ink sketch", "pastel drawing", "matte painting", "film photograph, grain",
-          "ukiyo-e print", "low-poly 3D render", "impressionist painting"]
+SUBJECTS = ["an old fisherman mending a net", "a red fox in fresh snow",
+            "a lighthouse on a rocky coast", "a bowl of ramen", "a cat asleep on a windowsill",
+            "a mountain lake at dawn", "a busy night market", "a dancer mid-leap",
+            "a vintage car on a desert road", "a field of sunflowers", "a gothic cathedral",
+            "a hummingbird at a flower", "a cozy reading nook", "a waterfall in a jungle",
+            "a city skyline in rain", "a child flying a kite", "a steaming cup of tea",
+            "an astronaut on a quiet planet", "a koi pond", "a snowy village at night",
+            "a wolf howling at the moon", "a sailing ship in a storm", "a bouquet of peonies",
+            "a desert canyon", "a street musician", "a castle on a hill", "a bamboo forest",
+            "a portrait of a young woman with freckles", "a steam train on a viaduct",
+            "an owl on a branch", "a tropical beach at sunset", "a bustling train station",
+            "a glass of red wine"]
+SETTINGS = ["at golden hour", "in soft morning light", "under a starry sky", "in thick fog",
+            "after rain", "in autumn", "in spring bloom", "at blue hour", "lit by candles",
+            "in winter", "on a summer afternoon"]
+STYLES = ["cinematic photograph, 35mm", "oil painting", "watercolor illustration",
+          "studio photograph, 85mm", "digital art, highly detailed", "ink sketch", "pastel drawing",
+          "matte painting", "film photograph, grain", "ukiyo-e print", "low-poly 3D render",
+          "impressionist painting"]
 
 
 def aesthetic(n=3000, seed=0):
     """n prompts: a subject, a setting and a style, drawn at random."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda xs: xs[int(torch.randint(len(xs), (), generator=g))]
-    return list(dict.fromkeys(f"{pick(SUBJECTS)} {pick(SETTINGS)}, {pick(STYLES)}" for _ in range(n)))
+    return list(dict.fromkeys(f"{pick(SUBJECTS)} {pick(SETTINGS)}, {pick(STYLES)}"
+                              for _ in range(n)))
 
 
 # ---------------------------------------------------------------------------------- splits
@@ -240,8 +256,10 @@ def builtin(task):
 if __name__ == "__main__":
     import argparse
     import signal
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python prompts.py ocr train | head` ends quietly
-    ap = argparse.ArgumentParser(description="write a built-in prompt set (GenEval sets as metadata jsonl)")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `python prompts.py ocr train | head` ends
+                                                   # quietly
+    ap = argparse.ArgumentParser(description="write a built-in prompt set (GenEval sets as "
+                                             "metadata jsonl)")
     ap.add_argument("task", choices=["geneval", "ocr", "aesthetic"])
     ap.add_argument("split", choices=["train", "test"])
     a = ap.parse_args()

@@ -42,7 +42,8 @@ def load_pipeline(cfg, device, rank=0, world=1):
         try:
             with warnings.catch_warnings():  # newer diffusers renamed torch_dtype
                 warnings.simplefilter("ignore", FutureWarning)
-                pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, torch_dtype=dtype, **no_t5)
+                pipe = StableDiffusion3Pipeline.from_pretrained(cfg.model, torch_dtype=dtype,
+                                                                **no_t5)
         except Exception as e:  # offline and not cached, bad folder, gated repo, ...
             raise UserError(f"cannot load model {cfg.model!r} ({type(e).__name__}): download it "
                             f"once with network access (huggingface-cli download {cfg.model}) or "

@@ -23,7 +23,8 @@ def toy_prompts(name):
     from rewards import COLORS, SUBJECTS
     if name == "color":
         ps = [f"a {c} {s}" for c in COLORS for s in SUBJECTS]
-    elif name == "position":  # left/right only: with top/bottom too, a teacher traded one for the other
+    elif name == "position":  # left/right only: with top/bottom too, a teacher traded one for
+                              # the other
         ps = [f"a {w} {s} on the {side}" for side in ("left", "right") for s in SUBJECTS
               for w in ("bright", "red", "green", "blue")]
     else:
@@ -45,7 +46,8 @@ def toy_tokenizer():
         for c in chars:
             vocab[c + suffix] = len(vocab)
     merges = []
-    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture", "of"]
+    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture",
+             "of"]
     for w in sorted(words, key=len, reverse=True):  # longer first: 'bright' must not end in 'right'
         pieces = list(w[:-1]) + [w[-1] + "</w>"]
         cur = pieces[0]
@@ -59,9 +61,10 @@ def toy_tokenizer():
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json
 SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 
 
 def build_offline(kind, seed=0):
@@ -91,15 +94,18 @@ def build_offline(kind, seed=0):
         num_attention_heads=2, max_position_embeddings=77, projection_dim=p, bos_token_id=0,
         eos_token_id=1, pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
         for h, p in widths]
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(vae_ch,) * blocks,
+    vae = AutoencoderKL(in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks,
+                        block_out_channels=(vae_ch,) * blocks,
                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
                         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                         use_post_quant_conv=False).eval()
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**tcfg).eval(), vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=encoders[0],
-        tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+        tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok, text_encoder_3=None,
+        tokenizer_3=None)
 
 
 def toy_images(n, g):
@@ -114,7 +120,8 @@ def toy_images(n, g):
     ims, caps = [], []
     for _ in range(n):
         c, s, side, adj = pick(list(COLORS)), pick(SUBJECTS), pick(SIDES), pick(TOY_ADJECTIVES)
-        form = pick(["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}", "{c} {s} on the {side}", ""])
+        form = pick(["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}",
+                     "{c} {s} on the {side}", ""])
         caps.append(("a " + form.format(c=c, s=s, side=side, adj=adj)) if form else "")
         col = torch.tensor(COLORS[c] if "{c}" in form else [u(), u(), u()], dtype=torch.float32)
         im = 0.5 * (0.2 + 0.6 * torch.rand(3, 1, 1, generator=g)) + 0.5 * col.view(3, 1, 1)
@@ -138,7 +145,8 @@ def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
     for _ in range(vae_steps):
         x = toy_images(32, g)[0] * 2 - 1
         z = vae.encode(x).latent_dist.mean
-        loss = F.mse_loss(vae.decode(z + 0.1 * torch.randn(z.shape, generator=g)).sample, x) + 1e-4 * z.pow(2).mean()
+        loss = (F.mse_loss(vae.decode(z + 0.1 * torch.randn(z.shape, generator=g)).sample, x) +
+                1e-4 * z.pow(2).mean())
         opt.zero_grad(); loss.backward(); opt.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -151,20 +159,26 @@ def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     for _ in range(steps):
         ims, caps = toy_images(64, g)
-        caps = [c if keep else "" for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
+        caps = [c if keep else ""
+                for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
         uniq = list(dict.fromkeys(caps))
-        e, _, p, _ = pipe.encode_prompt(uniq, None, None, device="cpu", do_classifier_free_guidance=False,
+        e, _, p, _ = pipe.encode_prompt(uniq, None, None, device="cpu",
+                                        do_classifier_free_guidance=False,
                                         max_sequence_length=8)  # with grad: the encoders learn too
         row = {c: i for i, c in enumerate(uniq)}
         pick = torch.tensor([row[c] for c in caps])
         with torch.no_grad():
-            x0 = (vae.encode(ims * 2 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+            x0 = ((vae.encode(ims * 2 - 1).latent_dist.mean - vae.config.shift_factor) *
+                  vae.config.scaling_factor)
         t = torch.sigmoid(torch.randn(64, generator=g)).view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=g)
-        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000, encoder_hidden_states=e[pick],
-               pooled_projections=p[pick], return_dict=False)[0]
+        v = tr(hidden_states=(1 - t) * x0 + t * eps, timestep=t.flatten() * 1000,
+               encoder_hidden_states=e[pick], pooled_projections=p[pick], return_dict=False)[0]
         loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
     for mod in models:
         mod.eval().requires_grad_(False)
     return loss.item()
@@ -178,22 +192,27 @@ def tiny_pipeline(rank=0, world=1):
     safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by every later run
     and every rank, so all of them use the same weights."""
     from safetensors.torch import load_file, save_file
-    cache = os.environ.get("OPD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd")
+    cache = (os.environ.get("OPD_CACHE")
+             or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd"))
     path = os.path.join(cache, TINY_RECIPE + ".safetensors")
     pipe = build_offline("tiny")
-    parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder,
+             "te2": pipe.text_encoder_2}
     if rank == 0 and not os.path.isfile(path):
         print(f"pretraining the tiny model once (~60 s), cached at {path}", flush=True)
         t0 = time.time()
         with torch.random.fork_rng():
             loss = pretrain_tiny(pipe)
-        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items() for n, v in mod.state_dict().items()}
-        meta = {"scaling_factor": str(pipe.vae.config.scaling_factor), "shift_factor": str(pipe.vae.config.shift_factor)}
+        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items()
+                 for n, v in mod.state_dict().items()}
+        meta = {"scaling_factor": str(pipe.vae.config.scaling_factor),
+                "shift_factor": str(pipe.vae.config.shift_factor)}
         os.makedirs(cache, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
-        print(f"tiny model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})", flush=True)
+        print(f"tiny model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})",
+              flush=True)
     if world > 1:
         torch.distributed.barrier()
     from safetensors import safe_open
@@ -202,5 +221,6 @@ def tiny_pipeline(rank=0, world=1):
     state = load_file(path)
     for k, mod in parts.items():
         mod.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
-    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]),
+                                shift_factor=float(meta["shift_factor"]))
     return pipe

@@ -21,8 +21,10 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
     reward sees are its task's), and advantages are computed within each prompt's group, so a
     task whose reward is 1000 times larger leaves the other task's advantages unchanged."""
     m, cfg = tiny_sd3
-    cfg = baselines.rl_config(config.parse_config(["--stage", "joint", "--sampler_steps", "2", "--batch_size", "4",
-                                                "--group_size", "2", "--updates_per_epoch", "1"], baselines.Args), "joint")
+    cfg = baselines.rl_config(config.parse_config(["--stage", "joint", "--sampler_steps", "2",
+                                                   "--batch_size", "4", "--group_size", "2",
+                                                   "--updates_per_epoch", "1"], baselines.Args),
+                              "joint")
     seen = {}
 
     def task(name, scale, train):
@@ -52,35 +54,46 @@ def test_compare_runs_every_method_tiny(tmp_path):
     model, its time and the avg; labelled samples.png; every LoRA loads with diffusers'
     load_lora_weights and changes the model's output."""
     out = str(tmp_path / "cmp")
-    small = ["--tasks", "color,jpeg", "--optim_steps", "2", "--batch_size", "4", "--group_size", "2", "--sampler_steps", "3",
-             "--eval_sampler_steps", "3", "--eval_prompts", "2", "--eval_seeds", "2", "--out", out]
+    small = ["--tasks", "color,jpeg", "--optim_steps", "2", "--batch_size", "4",
+             "--group_size", "2", "--sampler_steps", "3", "--eval_sampler_steps", "3",
+             "--eval_prompts", "2", "--eval_seeds", "2", "--out", out]
     r = run("--stage", "compare", *small, script="baselines.py")
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.load(open(os.path.join(out, "eval.json")))
-    rows = ["base", "teacher-color", "teacher-jpeg", "joint-grpo_guard", "joint-nft", "cascade-nft", "student",
-            "student-dance", "student-dmd", "student-flow", "student-offpolicy", "student-ppo", "student-sft",
-            "student-tdm"]
-    assert list(table) == rows and all({"color", "jpeg", "seconds"} <= set(v) for v in table.values())
+    rows = ["base", "teacher-color", "teacher-jpeg", "joint-grpo_guard", "joint-nft", "cascade-nft",
+            "student", "student-dance", "student-dmd", "student-flow", "student-offpolicy",
+            "student-ppo", "student-sft", "student-tdm"]
+    assert list(table) == rows and all({"color", "jpeg", "seconds"} <= set(v)
+                                       for v in table.values())
     assert all(table[k]["seconds"] > 0 for k in rows[1:])
     md = open(os.path.join(out, "eval.md")).read()
     assert all(f"| {k} |" in md for k in rows) and "train time" in md
     reach = json.load(open(os.path.join(out, "compare.json")))
-    assert set(reach) == {"joint-grpo_guard", "joint-nft", "cascade-nft"} and all("says" in r for r in reach.values())
-    curve = [json.loads(l) for l in open(os.path.join(out, "student", "metrics.jsonl")) if "held_out" in l]
-    assert [c["step"] for c in curve] == [0, 1, 2] and set(curve[-1]["held_out"]) == {"color", "jpeg"}
+    assert (set(reach) == {"joint-grpo_guard", "joint-nft", "cascade-nft"}
+            and all("says" in r for r in reach.values()))
+    curve = [json.loads(l) for l in open(os.path.join(out, "student", "metrics.jsonl"))
+             if "held_out" in l]
+    assert ([c["step"] for c in curve] == [0, 1, 2]
+            and set(curve[-1]["held_out"]) == {"color", "jpeg"})
     assert json.load(open(os.path.join(out, "student-ppo", "config.json")))["noise_level"] == 0.7
-    assert json.load(open(os.path.join(out, "joint-nft", "run.json")))["trajectories"] == 4 * 2 * 4  # budget: T + D B_D / B_T
+    assert (json.load(open(os.path.join(out, "joint-nft", "run.json")))["trajectories"]
+            == 4 * 2 * 4)  # budget: T + D B_D / B_T
     from PIL import Image
     im = Image.open(os.path.join(out, "samples.png"))
-    assert im.size[1] > 128 * len(rows) and im.size[0] > 128 * 4  # a label band above, a label column
+    assert (im.size[1] > 128 * len(rows)
+            and im.size[0] > 128 * 4)  # a label band above, a label column
     pipe = tiny.tiny_pipeline()
-    x, t = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
-    e, _, p, _ = pipe.encode_prompt(["a red cat"], None, None, do_classifier_free_guidance=False, max_sequence_length=8)
-    base = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p)[0]
+    x, t = (torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)),
+            torch.tensor([500.0]))
+    e, _, p, _ = pipe.encode_prompt(["a red cat"], None, None, do_classifier_free_guidance=False,
+                                    max_sequence_length=8)
+    base = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e,
+                            pooled_projections=p)[0]
     for name in rows[3:]:
         pipe.load_lora_weights(os.path.join(out, name), adapter_name=name.replace("-", "_"))
         pipe.set_adapters(name.replace("-", "_"))
-        v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p)[0]
+        v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e,
+                             pooled_projections=p)[0]
         assert not torch.allclose(v, base, atol=1e-6), name
 
 
@@ -88,24 +101,30 @@ def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
     """--stage noise --seeds 0,1: every run per seed (both SDE weights), its curves, and the
     seeds' summary of rounds to 50 / 75 / 90% of the final gain."""
     top = str(tmp_path / "noise")
-    r = run("--stage", "noise", "--tasks", "color", "--teachers", f"color={teacher_dir}", "--optim_steps", "2",
-            "--batch_size", "4", "--sampler_steps", "3", "--eval_every", "1", "--eval_sampler_steps", "3", "--eval_prompts", "1",
-            "--eval_seeds", "1", "--seeds", "0,1", "--out", top, script="baselines.py")
+    r = run("--stage", "noise", "--tasks", "color", "--teachers", f"color={teacher_dir}",
+            "--optim_steps", "2", "--batch_size", "4", "--sampler_steps", "3", "--eval_every", "1",
+            "--eval_sampler_steps", "3", "--eval_prompts", "1", "--eval_seeds", "1",
+            "--seeds", "0,1", "--out", top, script="baselines.py")
     assert r.returncode == 0, r.stderr[-2000:]
     out = os.path.join(top, "seed-1")
     assert json.load(open(os.path.join(out, "noise", "student-a0.0", "config.json")))["seed"] == 1
     summary = json.load(open(os.path.join(top, "seeds.json")))
-    assert summary["seeds"] == [0, 1] and set(summary["runs"]) == {"a0.0", "a0.3", "a0.7", "a0.3-sigma", "a0.7-sigma"}
-    gains = [json.load(open(os.path.join(top, f"seed-{s}", "noise.json")))["levels"]["a0.0"]["mean_gain"][-1] for s in (0, 1)]
+    assert (summary["seeds"] == [0, 1]
+            and set(summary["runs"]) == {"a0.0", "a0.3", "a0.7", "a0.3-sigma", "a0.7-sigma"})
+    gains = [json.load(open(os.path.join(top, f"seed-{s}",
+                                         "noise.json")))["levels"]["a0.0"]["mean_gain"][-1]
+             for s in (0, 1)]
     assert summary["runs"]["a0.0"]["final_mean_gain"]["mean"] == pytest.approx(sum(gains) / 2)
     assert "rounds to 50%" in open(os.path.join(top, "seeds.md")).read()
     res = json.load(open(os.path.join(out, "noise.json")))
     assert set(res["levels"]) == {"a0.0", "a0.3", "a0.7", "a0.3-sigma", "a0.7-sigma"}
-    assert all(v["rounds"] == [0, 1, 2] and set(v["rounds_to"]) == {"0.5", "0.75", "0.9"} for v in res["levels"].values())
+    assert all(v["rounds"] == [0, 1, 2] and set(v["rounds_to"]) == {"0.5", "0.75", "0.9"}
+               for v in res["levels"].values())
     assert os.path.isfile(os.path.join(out, "noise.png")) and "rounds to 50/75/90%" in r.stdout
     c = json.load(open(os.path.join(out, "noise", "student-a0.7-sigma", "config.json")))
     assert (c["noise_level"], c["sde_weight"]) == (0.7, "sigma")
-    tiny.tiny_pipeline().load_lora_weights(os.path.join(out, "noise", "student-a0.7-sigma"), adapter_name="s")
+    tiny.tiny_pipeline().load_lora_weights(os.path.join(out, "noise", "student-a0.7-sigma"),
+                                           adapter_name="s")
 
 
 def test_compare_seeds_summary_by_hand(tmp_path):
@@ -128,7 +147,8 @@ def test_compare_seeds_summary_by_hand(tmp_path):
     assert st["seconds"]["values"] == [15, 19, 17]  # a student's time includes its teachers'
     d = res["opd_minus"]["joint-x"]["a"]  # 0.4, -0.1, 0.2
     assert d["values"] == pytest.approx([0.4, -0.1, 0.2]) and d["mean"] == pytest.approx(0.5 / 3)
-    assert d["sd"] == pytest.approx(((0.4 - 0.5 / 3) ** 2 + (-0.1 - 0.5 / 3) ** 2 + (0.2 - 0.5 / 3) ** 2) ** 0.5 / 2 ** 0.5)
+    assert d["sd"] == pytest.approx(((0.4 - 0.5 / 3) ** 2 + (-0.1 - 0.5 / 3) ** 2
+                                     + (0.2 - 0.5 / 3) ** 2) ** 0.5 / 2 ** 0.5)
     assert d["ci95"] == pytest.approx(4.302653 * d["sd"] / 3 ** 0.5)  # t_{0.975, 2}, from tables
     md = open(tmp_path / "seeds.md").read()
     assert "| joint-x | 0.167 ± 0.252 |" in md  # signs differ: no star
@@ -155,8 +175,10 @@ def test_noise_seeds_summary_by_hand(tmp_path):
     assert res["a0.7"]["rounds_to"]["0.9"]["values"] == [12, 18]  # seed 1 never reached it
     d = res["a0.7"]["minus_a0.0"]
     assert d["rounds_to_0.9"]["values"] == [2, 4]  # seeds 0 and 2 only
-    assert d["rounds_to_0.9"]["mean"] == pytest.approx(3) and d["rounds_to_0.9"]["sd"] == pytest.approx(2 ** 0.5)
-    assert d["rounds_to_0.9"]["ci95"] == pytest.approx(12.706205)  # t_{0.975, 1} x sd / sqrt(2), sd = sqrt(2)
+    assert (d["rounds_to_0.9"]["mean"] == pytest.approx(3)
+            and d["rounds_to_0.9"]["sd"] == pytest.approx(2 ** 0.5))
+    assert d["rounds_to_0.9"]["ci95"] == pytest.approx(12.706205)  # t_{0.975, 1} x sd / sqrt(2),
+                                                                   # sd = sqrt(2)
     assert d["final_mean_gain"]["values"] == pytest.approx([-0.01, -0.1, -0.01])
     assert "minus_a0.0" not in res["a0.0"]
     md = open(tmp_path / "seeds.md").read()
@@ -168,7 +190,8 @@ def test_noise_seeds_summary_by_hand(tmp_path):
 
 def _linear(w):
     """A toy velocity v(x, t) = w x + t (t a float or (B,)), the same for every call."""
-    return lambda x, t: w * x + torch.as_tensor(t, dtype=torch.float32).reshape(-1, *[1] * (x.dim() - 1))
+    return lambda x, t: (w * x + torch.as_tensor(t, dtype=torch.float32)
+                         .reshape(-1, *[1] * (x.dim() - 1)))
 
 
 def test_sft_is_flow_matching_on_the_teachers_samples():
@@ -253,7 +276,8 @@ def test_flow_advantages_are_per_step_over_the_whole_batch():
         mean = sum(c) / 3
         std = (sum((x - mean) ** 2 for x in c) / 2) ** 0.5
         return [(x - mean) / (std + 1e-4) for x in c]
-    want = torch.stack([torch.tensor(col(r[:, 0].tolist())), torch.tensor(col(r[:, 1].tolist()))], 1)
+    want = torch.stack([torch.tensor(col(r[:, 0].tolist())),
+                        torch.tensor(col(r[:, 1].tolist()))], 1)
     assert torch.allclose(baselines.stepwise_advantages(r, 1), want, atol=1e-6)
 
 
@@ -274,14 +298,18 @@ def _flow_by_hand(m, cfg):
     gradient: -mean_{b, j} A_bj grad log p_S(x_{j+1} | x_j)."""
     mine = prompts.draw_prompts(cfg, prompts.Task("color", FLOW_PROMPTS, [], None), 0, 0, 4)
     g, sig, a = machinery.rng(cfg.seed, "rollout", 0, 0, step=0), opd.sd3_sigmas(3), 0.7
-    parts = [(s, opd.rollout(m.velocity("student", mine[s], 4.5), m.noise(len(mine[s]), g), sig, a, g))
+    parts = [(s, opd.rollout(m.velocity("student", mine[s], 4.5), m.noise(len(mine[s]), g), sig,
+                             a, g))
              for s in machinery.chunks(4, cfg.micro_batch)]
     r = []
     for s, traj in parts:
         teacher, xs = m.velocity("teacher-color", mine[s], 4.5), traj["states"]
         with torch.no_grad():
-            r.append(torch.stack([opd.gaussian_logp(xs[:, j + 1], opd.transition(xs[:, j], teacher(xs[:, j], sig[j]), sig[j],
-                                                                                   sig[j + 1], a)[0], traj["stds"][:, j])
+            r.append(torch.stack([opd.gaussian_logp(xs[:, j + 1],
+                                                    opd.transition(xs[:, j],
+                                                                   teacher(xs[:, j], sig[j]),
+                                                                   sig[j], sig[j + 1], a)[0],
+                                                    traj["stds"][:, j])
                                   for j in (0, 1)], 1))
     r = torch.cat(r)
     adv = (r - r.mean(0)) / (r.std(0) + 1e-4)
@@ -291,17 +319,19 @@ def _flow_by_hand(m, cfg):
         student, xs = m.velocity("student", mine[s], 4.5), traj["states"]
         for j in (0, 1):
             mu = opd.transition(xs[:, j], student(xs[:, j], sig[j]), sig[j], sig[j + 1], a)[0]
-            (-(adv[s, j] * opd.gaussian_logp(xs[:, j + 1], mu, traj["stds"][:, j])).sum() / 8).backward()
+            (-(adv[s, j] * opd.gaussian_logp(xs[:, j + 1], mu, traj["stds"][:, j])).sum()
+             / 8).backward()
     return torch.cat([p.grad.flatten() for p in m.trainable])
 
 
 def test_flow_round_normalises_over_the_round_not_the_micro_batch(tiny_sd3):
-    """FlowOPD's gradient against a hand computation, with the round's 4 trajectories in one forward
-    and in micro-batches of 2: the advantages are over all 4 either way (per micro-batch they
-    would differ; with micro-batches of 1 they would all be 0)."""
+    """FlowOPD's gradient against a hand computation, with the round's 4 trajectories in one
+    forward and in micro-batches of 2: the advantages are over all 4 either way (per micro-batch
+    they would differ; with micro-batches of 1 they would all be 0)."""
     m, _ = tiny_sd3
-    cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--sampler_steps", "3",
-                                        "--batch_size", "4"], baselines.Args), "distill")
+    cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", "flow",
+                                              "--noise_level", "0.7", "--sampler_steps", "3",
+                                              "--batch_size", "4"], baselines.Args), "distill")
     sd3.add_lora(m.tr, "teacher-color", cfg)
     randomise(m.tr, "teacher-color", 1)
     m.trainable = sd3.add_lora(m.tr, "student", cfg)
@@ -331,32 +361,35 @@ def _predictions(loss_fn, seed, B=3, D=12):
 
 
 def test_dmd_loss_gradient_is_the_normalised_fake_minus_teacher_direction():
-    """d/dx0_hat of dmd_loss = g / D with g = (x0_fake - x0_teacher) / mean|x0_hat - x0_teacher| per
-    sample (DMD2's normaliser), and the loss value 1/2 mean g^2, by hand on small tensors."""
+    """d/dx0_hat of dmd_loss = g / D with g = (x0_fake - x0_teacher) / mean|x0_hat - x0_teacher|
+    per sample (DMD2's normaliser), and the loss value 1/2 mean g^2, by hand on small tensors."""
     x0_hat, x0_t, x0_f, loss, w = _predictions(baselines.dmd_loss, 0)
     D = x0_hat.shape[1]
     g = (x0_f - x0_t) / w
-    assert torch.allclose(x0_hat.grad, g / D) and torch.allclose(loss.detach(), 0.5 * g.pow(2).mean(1))
+    assert (torch.allclose(x0_hat.grad, g / D)
+            and torch.allclose(loss.detach(), 0.5 * g.pow(2).mean(1)))
 
 
 def test_tdm_loss_and_fake_loss_by_hand():
     x0_hat, x0_t, x0_f, loss, w = _predictions(baselines.tdm_loss, 1)
     (B, D), g_ = x0_hat.shape, torch.Generator().manual_seed(1)
-    # target = x0_hat + (x0_t - x0_f): loss = mean (x0_t - x0_f)^2 / w, gradient -2 (x0_t - x0_f) / (D w)
+    # target = x0_hat + (x0_t - x0_f): loss = mean (x0_t - x0_f)^2 / w, gradient
+    # -2 (x0_t - x0_f) / (D w)
     assert torch.allclose(loss.detach(), (x0_t - x0_f).pow(2).mean(1) / w[:, 0])
     assert torch.allclose(x0_hat.grad, -2 * (x0_t - x0_f) / (D * w))
     t = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
     eps_mix, z = (torch.randn(B, D, generator=g_, dtype=torch.float64) for _ in range(2))
     snr = ((1 - t) / t) ** 2  # 0.0123, 1, 81 -> min(., 5)
-    want = (x0_f - x0_hat.detach()).pow(2).mean(1) * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) \
+    want = (x0_f - x0_hat.detach()).pow(2).mean(1) \
+        * torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) \
         * torch.exp(-0.5 * eps_mix.pow(2).mean(1)) / torch.exp(-0.5 * z.pow(2).mean(1))
     assert torch.allclose(baselines.tdm_fake_loss(x0_f, x0_hat.detach(), t, eps_mix, z), want)
 
 
 def test_tdm_renoise_stays_in_the_stage_and_on_the_forward_marginal():
-    """t' in [max(s, 0.02), t_k]; x' = (1 - t') x0_hat + t' eps_mix exactly; with eps_hat ~ N(0, I)
-    eps_mix is N(0, I) (Monte Carlo, mean and variance within 5 standard errors), i.e. x' is the
-    forward process's sample at t' around x0_hat."""
+    """t' in [max(s, 0.02), t_k]; x' = (1 - t') x0_hat + t' eps_mix exactly; with eps_hat ~
+    N(0, I) eps_mix is N(0, I) (Monte Carlo, mean and variance within 5 standard errors), i.e. x'
+    is the forward process's sample at t' around x0_hat."""
     g = torch.Generator().manual_seed(2)
     n, D = 4000, 64
     sig = opd.sd3_sigmas(10)
@@ -376,8 +409,9 @@ def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, lo
     update (DMD's student loss comes before) and after the round (TDM's comes after; the step
     leaves them None); the teacher's stay None; the student's are non-zero; the fake moved."""
     m, _ = tiny_sd3
-    cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", loss, "--sampler_steps", "3", "--batch_size", "2"],
-                                       baselines.Args), "distill")
+    cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", loss,
+                                              "--sampler_steps", "3", "--batch_size", "2"],
+                                             baselines.Args), "distill")
     sd3.add_lora(m.tr, "teacher-color", cfg)
     randomise(m.tr, "teacher-color", 1)
     fake = sd3.add_lora(m.tr, "fake", cfg)
@@ -404,7 +438,8 @@ def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, lo
         sd3.drop_adapters(m)
     assert len(seen) == 1 and all(g is None for g in seen[0]) and all(g is None for g in after)
     assert all(g is None for g in teacher_grads)
-    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0 and moved > 0
+    assert (all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+            and moved > 0)
 
 
 def test_dmd_and_tdm_run_from_the_command_line_and_their_loras_load(tmp_path, teacher_dir):
@@ -414,7 +449,8 @@ def test_dmd_and_tdm_run_from_the_command_line_and_their_loras_load(tmp_path, te
     pipe = tiny.tiny_pipeline()
     for loss in ("dmd", "tdm"):
         out = str(tmp_path / loss)
-        ok(run("--stage", "distill", "--loss", loss, "--tasks", "color", "--teachers", f"color={teacher_dir}",
-               "--optim_steps", "2", "--batch_size", "4", "--sampler_steps", "3", "--out", out, script="baselines.py"))
+        ok(run("--stage", "distill", "--loss", loss, "--tasks", "color", "--teachers",
+               f"color={teacher_dir}", "--optim_steps", "2", "--batch_size", "4",
+               "--sampler_steps", "3", "--out", out, script="baselines.py"))
         pipe.load_lora_weights(os.path.join(out, f"student-{loss}"), adapter_name=loss)
     assert len(pipe.get_list_adapters()["transformer"]) == 2

@@ -17,7 +17,8 @@ def test_bench_prints_flops_saved_bytes_and_memory(tmp_path):
     b = json.load(open(tmp_path / "bench.json"))
     assert b["round_s_fused"] > 0 and b["round_s_two_pass"] > 0 and b["tasks"] == 2
     assert b["peak_mb_one_adapter"] > 0 and b["peak_mb_M_teachers"] > 0
-    assert b["teacher_adapters_mb"] == pytest.approx(2 * b["adapter_mb"], abs=2e-3)  # 2 teachers, 1 student shape
+    assert b["teacher_adapters_mb"] == pytest.approx(2 * b["adapter_mb"],
+                                                     abs=2e-3)  # 2 teachers, 1 student shape
     assert b["round_tflop_two_pass"] > b["round_tflop_fused"] > 0 and b["tflops_fused"] > 0
     assert 0 < b["saved_mb_per_trained_step_checkpointing"] < b["saved_mb_per_trained_step"]
     assert "TFLOP/s" in r.stdout and "gradient checkpointing" in r.stdout
@@ -25,8 +26,10 @@ def test_bench_prints_flops_saved_bytes_and_memory(tmp_path):
             script="bench.py")
     assert r.returncode == 0, r.stderr[-2000:]
     c = json.load(open(tmp_path / "meta" / "count.json"))
-    d = c["distill"]  # SD3.5-M's transformer at 512 px, 3 trajectories x CFG: about 12 GB saved, 1 GB checkpointed
-    assert d["forward_batch"] == 6 and 5 < d["saved_gb"] < 30 and 0.3 < d["saved_gb_checkpointing"] < 0.2 * d["saved_gb"]
+    d = c["distill"]  # SD3.5-M's transformer at 512 px, 3 trajectories x CFG: about 12 GB saved,
+                      # 1 GB checkpointed
+    assert (d["forward_batch"] == 6 and 5 < d["saved_gb"] < 30
+            and 0.3 < d["saved_gb_checkpointing"] < 0.2 * d["saved_gb"])
     assert 4.4 < d["weights_gb"] < 4.9 and c["teacher"]["forward_batch"] == 18
 
 
@@ -43,20 +46,25 @@ def test_flop_formula_equals_flop_counter():
         with torch.device("meta"):
             tr = SD3Transformer2DModel(**c)
         B, side, n_txt = 2, 8, 13
-        args = dict(hidden_states=torch.empty(B, 16, side, side, device="meta"), timestep=torch.ones(B, device="meta"),
-                    encoder_hidden_states=torch.empty(B, n_txt, c["joint_attention_dim"], device="meta"),
-                    pooled_projections=torch.empty(B, c["pooled_projection_dim"], device="meta"), return_dict=False)
+        args = dict(hidden_states=torch.empty(B, 16, side, side, device="meta"),
+                    timestep=torch.ones(B, device="meta"),
+                    encoder_hidden_states=torch.empty(B, n_txt, c["joint_attention_dim"],
+                                                      device="meta"),
+                    pooled_projections=torch.empty(B, c["pooled_projection_dim"], device="meta"),
+                    return_dict=False)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             tr(**args)
         counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
         lin, att = bench.transformer_flops(c, B, (side // c["patch_size"]) ** 2, n_txt)
-        assert lin == counts["aten.addmm"] + counts.get("aten.mm", 0) + counts["aten.convolution"], c["num_layers"]
+        assert lin == (counts["aten.addmm"] + counts.get("aten.mm", 0)
+                       + counts["aten.convolution"]), c["num_layers"]
         assert att == counts["aten.bmm"]
 
 
 def test_saved_bytes_counts_what_backward_keeps():
-    """saved_bytes on graphs whose saved tensors are known: y = x W^T (W frozen) keeps x; relu keeps
-    its output; a parameter is not counted; a view of a counted storage is not counted twice."""
+    """saved_bytes on graphs whose saved tensors are known: y = x W^T (W frozen) keeps x; relu
+    keeps its output; a parameter is not counted; a view of a counted storage is not counted
+    twice."""
     import bench
     w = torch.nn.Parameter(torch.randn(8, 16))
     x = torch.randn(4, 16, requires_grad=True)
@@ -64,8 +72,8 @@ def test_saved_bytes_counts_what_backward_keeps():
         y = torch.relu(x @ w.t())  # mm keeps x (and w: a parameter); relu keeps y (4 x 8)
     assert out["bytes"] == x.nbytes + y.nbytes
     with bench.saved_bytes([]) as out:
-        z = (x[:2] * 2).sum() + (x[2:] * 3).sum()  # mul by a constant keeps nothing
-        q = x[:2] * x[2:]  # keeps both views of x's one storage
+        _z = (x[:2] * 2).sum() + (x[2:] * 3).sum()  # mul by a constant keeps nothing
+        _q = x[:2] * x[2:]  # keeps both views of x's one storage
     assert out["bytes"] == x.nbytes
 
 
@@ -97,10 +105,12 @@ def test_gpu_check_runs_on_cpu_through_the_same_code(tmp_path):
            script="bench.py"))
     res = json.load(open(tmp_path / "gpu_check.json"))
     stages = [(s["stage"], s["checkpointing"]) for s in res["stages"]]
-    assert stages == [("distill fused", False), ("distill two-pass", False), ("distill fused", True),
-                      ("distill two-pass", True), ("grpo_guard update", True), ("nft update", True)]
+    assert stages == [("distill fused", False), ("distill two-pass", False),
+                      ("distill fused", True), ("distill two-pass", True),
+                      ("grpo_guard update", True), ("nft update", True)]
     for s in res["stages"]:
-        assert s["seconds"] > 0 and s["tflop"] > 0 and s["peak_allocated_gb"] > 0 and s["samples_per_s"] > 0
+        assert (s["seconds"] > 0 and s["tflop"] > 0 and s["peak_allocated_gb"] > 0
+                and s["samples_per_s"] > 0)
     fused, two = res["stages"][0]["tflop"], res["stages"][1]["tflop"]
     assert two > fused  # two-pass adds the no-grad rollout
     p = res["profile_fused_round"]

@@ -31,7 +31,8 @@ def _main(args, capsys, monkeypatch, script=opd):
 
 # texts whose domain is a check function: values it must refuse (the other kinds' are derived)
 MALFORMED = {"reward": ["bogus", "color:-1"], "loss_steps": ["x", "9-3", "0,99"],
-             "nft_decay": ["x", "1,2", "0,0.1,1.5"], "lora_targets": [",", ""], "seeds": ["x", "0,0", "1,", "-1"]}
+             "nft_decay": ["x", "1,2", "0,0.1,1.5"], "lora_targets": [",", ""],
+             "seeds": ["x", "0,0", "1,", "-1"]}
 
 
 def outside(name, rule):
@@ -40,7 +41,8 @@ def outside(name, rule):
     if rule.kind == "num":
         vals = ["x", str(d["lo"] if d["lo_open"] else d["lo"] - 1)]
         vals += ["1.5"] if d["typ"] is int else ["nan", "inf"]
-        return vals + ([str(d["hi"] if d["hi_open"] else d["hi"] + 1)] if d["hi"] < math.inf else [])
+        return vals + ([str(d["hi"] if d["hi_open"] else d["hi"] + 1)]
+                       if d["hi"] < math.inf else [])
     if rule.kind == "choice":
         return ["bogus", ""]
     if rule.kind == "names":
@@ -93,7 +95,8 @@ def test_out_of_domain_value_is_one_line_exit_2(script, name, bad, tmp_path, cap
 
 
 @pytest.mark.parametrize("script,args,needle", [
-    (opd, ["--stage", "teacher", "--batch_size", "8", "--group_size", "3"], "not a multiple of --group_size"),
+    (opd, ["--stage", "teacher", "--batch_size", "8", "--group_size", "3"],
+     "not a multiple of --group_size"),
     (opd, ["--stage", "teacher", "--noise_level", "0"], "needs --noise_level > 0"),
     (opd, ["--stage", "distill", "--loss", "ppo"], "needs --noise_level > 0"),
     (baselines, ["--stage", "distill", "--loss", "flow"], "needs --noise_level > 0"),
@@ -102,8 +105,10 @@ def test_out_of_domain_value_is_one_line_exit_2(script, name, bad, tmp_path, cap
     (baselines, ["--stage", "joint", "--batch_size", "8", "--group_size", "3"], "not a multiple"),
     (opd, ["--stage", "teacher", "--optim_steps", "3"], "not a multiple of --updates_per_epoch"),
     (opd, ["--stage", "distill", "--sde_weight", "sigma"], "--noise_level 0 has none"),
-    (baselines, ["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--sde_weight", "sigma"], "--sde_weight applies"),
-    (baselines, ["--stage", "distill", "--loss", "flow", "--noise_level", "0.7", "--batch_size", "1"], "at least 2"),
+    (baselines, ["--stage", "distill", "--loss", "flow", "--noise_level", "0.7",
+                 "--sde_weight", "sigma"], "--sde_weight applies"),
+    (baselines, ["--stage", "distill", "--loss", "flow", "--noise_level", "0.7",
+                 "--batch_size", "1"], "at least 2"),
     (baselines, ["--stage", "distill", "--seeds", "0,1"], "--seeds applies"),
     (opd, ["--stage", "distill", "--loss_steps", "3-12"], "must lie in 0..9"),
     (opd, ["--resume", "--overwrite"], "contradict"),
@@ -111,7 +116,8 @@ def test_out_of_domain_value_is_one_line_exit_2(script, name, bad, tmp_path, cap
     (opd, ["--model", "sd35m-random", "--resolution", "520"], "multiple of 16"),
     (opd, ["--teacher_guidance", "ocr=1"], "not among"),
     (opd, ["--stage", "eval", "--export_geneval"], "needs the geneval task"),
-    (opd, ["--stage", "distill", "--teachers", "color=/nonexistent"], "--stage teacher --task color"),
+    (opd, ["--stage", "distill", "--teachers", "color=/nonexistent"],
+     "--stage teacher --task color"),
     (opd, ["--stage", "compare"], "--stage: got 'compare'"),
     (opd, ["--bogus_option", "1"], "unrecognized arguments"),
     (opd, ["--lr"], "expected one argument"),
@@ -134,12 +140,14 @@ def test_bad_files_are_one_line_naming_the_path(tmp_path):
     (tmp_path / "latin1.txt").write_bytes('a sign that says "caf\xe9"\n'.encode("latin-1"))
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "bad.jsonl").write_text("not json\n")
-    cases = [(["--prompts", str(tmp_path / "latin1.txt")], "latin1.txt"), (["--prompts", str(tmp_path)], "--prompts"),
+    cases = [(["--prompts", str(tmp_path / "latin1.txt")], "latin1.txt"),
+             (["--prompts", str(tmp_path)], "--prompts"),
              (["--prompts", str(tmp_path / "empty.txt")], "is empty"),
              (["--task", "geneval", "--prompts", str(tmp_path / "bad.jsonl")], "not a JSON object"),
              (["--task", "ocr", "--test_prompts", str(tmp_path / "latin1.txt")], "not UTF-8")]
     for args, needle in cases:
-        r = run("--stage", "teacher", "--task", "ocr", *args, "--out", str(tmp_path / "o"), timeout=120)
+        r = run("--stage", "teacher", "--task", "ocr", *args, "--out", str(tmp_path / "o"),
+                timeout=120)
         one_line_error(r, needle)
     assert not os.path.exists(tmp_path / "o")
 
@@ -156,7 +164,8 @@ def test_bad_files_are_one_line_naming_the_path(tmp_path):
     (["--stage", "teacher", "--lr", "-1"], "--lr: got -1.0, accepts a finite number in (0, 1]"),
 ])
 def test_bad_input_through_the_command_line(args, needle, tmp_path):
-    r = run(*args, "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    r = run(*args, "--out", str(tmp_path / "o"),
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
     one_line_error(r, needle)
 
 
@@ -167,7 +176,8 @@ def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
     before = tree(out)
     for extra, needle in [(["--resume", "--lora_rank", "8"], "--lora_rank 32"),
                           (["--resume", "--lora_alpha", "16"], "--lora_alpha 64"),
-                          (["--resume", "--lora_targets", "to_q,to_v"], "was trained with --lora_targets to_q,to_k"),
+                          (["--resume", "--lora_targets", "to_q,to_v"],
+                           "was trained with --lora_targets to_q,to_k"),
                           (["--resume", "--model", "sd35m-random"], "--model tiny"),
                           ([], "--resume")]:
         r = run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", out, *extra)
@@ -184,7 +194,8 @@ def test_more_bad_inputs(tmp_path, teacher_dir):
               str(bad / LORA_FILE))
     out = str(tmp_path / "o")
     cases = [(["--stage", "distill", "--teachers", f"color={bad}"], "does not fit"),
-             (["--stage", "teacher", "--batch_size", "8", "--group_size", "4"], "does not divide across 3 ranks")]
+             (["--stage", "teacher", "--batch_size", "8", "--group_size", "4"],
+              "does not divide across 3 ranks")]
     for args, needle in cases:
         env = {"WORLD_SIZE": "3"} if "ranks" in needle else None
         r = run(*args, "--out", out, env=env, timeout=120)

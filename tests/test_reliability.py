@@ -36,8 +36,10 @@ def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
     p.send_signal(signal.SIGKILL); p.wait()
     assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(b, sub, LORA_FILE))
     # a checkpoint cut off mid-write (no state.pt) and a temporary folder are ignored on resume
-    os.makedirs(os.path.join(b, sub, "ckpt-0000099")); open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
-    os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1")); open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
+    os.makedirs(os.path.join(b, sub, "ckpt-0000099"))
+    open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
+    os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1"))
+    open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
     r = run(*args, "--out", b, script=script)  # without --resume: refused, nothing touched
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run(*args, "--out", b, "--resume", script=script)
@@ -93,10 +95,13 @@ def test_non_finite_steps_are_skipped_then_abort():
 
 def test_torchrun_two_ranks_stay_identical(tmp_path):
     out = str(tmp_path / "o")
-    r = torchrun("--stage", "all", "--optim_steps", "2", *SMALL, "--eval_sampler_steps", "4", "--eval_prompts", "2", "--out", out)
+    r = torchrun("--stage", "all", "--optim_steps", "2", *SMALL, "--eval_sampler_steps", "4",
+                 "--eval_prompts", "2", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("ranks in sync") == 2  # teacher and student, checked by comparing the weights
-    assert set(json.load(open(os.path.join(out, "eval.json")))) == {"base", "teacher-color", "student"}
+    assert r.stdout.count("ranks in sync") == 2  # teacher and student, checked by comparing the
+                                                 # weights
+    assert (set(json.load(open(os.path.join(out, "eval.json"))))
+            == {"base", "teacher-color", "student"})
     # DMD's second trained adapter (the fake score) is averaged over the ranks too
     r = torchrun("--stage", "distill", "--loss", "dmd", "--optim_steps", "2", *SMALL, "--teachers",
                  f"color={out}/teacher-color", "--out", out, script="baselines.py")
@@ -120,9 +125,11 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
         "        print('error:', e, flush=True) if rank == 0 else None\n")
     r = torchrun(script=str(script), env={"PYTHONPATH": HERE})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("w: 2 ranks in sync") == 1 and r.stdout.count("error: ranks diverged") == 1
+    assert (r.stdout.count("w: 2 ranks in sync") == 1
+            and r.stdout.count("error: ranks diverged") == 1)
 
 
 def test_resume_with_nothing_saved_says_so(tmp_path):
-    r = ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--resume", "--out", str(tmp_path / "o")))
+    r = ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--resume", "--out",
+               str(tmp_path / "o")))
     assert "--resume, but" in r.stdout and "holds no checkpoint: starting at step 0" in r.stdout

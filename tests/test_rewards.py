@@ -19,8 +19,9 @@ from opd_support.loras import LORA_FILE
 def test_real_tasks_run_with_built_in_prompts(task, tmp_path):
     """No --prompts: the built-in sets. OCR (rapidocr ships its models) trains on the tiny model;
     GenEval and the aesthetic mix need downloads and stop at once with one line naming a model."""
-    r = run("--task", task, "--stage", "teacher", "--optim_steps", "2", "--batch_size", "4", "--group_size", "2",
-            "--sampler_steps", "3", "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    r = run("--task", task, "--stage", "teacher", "--optim_steps", "2", "--batch_size", "4",
+            "--group_size", "2", "--sampler_steps", "3", "--out", str(tmp_path / "o"),
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     if task == "ocr":
         assert r.returncode == 0, r.stderr[-2000:]
         assert os.path.isfile(tmp_path / "o" / "teacher-ocr" / LORA_FILE)
@@ -32,7 +33,8 @@ def _render(text, w=512, h=256):
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
     im = Image.new("RGB", (w, h), "white")
-    ImageDraw.Draw(im).text((20, h // 2 - 30), text, fill="black", font=ImageFont.load_default(size=56))
+    ImageDraw.Draw(im).text((20, h // 2 - 30), text, fill="black",
+                            font=ImageFont.load_default(size=56))
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
 
 
@@ -43,8 +45,10 @@ def test_ocr_reads_rendered_text_offline():
     texts = ["Hello World", "Helo World", "Helo Wrld", ""]
     r = fn(torch.stack([_render(t) for t in texts]), [target] * len(texts))
     assert r.shape == (4,) and r[0] >= 0.9 and r[3] == 0
-    for t, got in zip(texts[1:3], r[1:3]):  # a misspelled render scores as its edit distance predicts
-        want = 1 - rewards._levenshtein(t.lower().replace(" ", ""), "helloworld") / len("helloworld")
+    for t, got in zip(texts[1:3], r[1:3]):  # a misspelled render scores as its edit distance
+                                            # predicts
+        want = 1 - rewards._levenshtein(t.lower().replace(" ", ""),
+                                        "helloworld") / len("helloworld")
         assert abs(got.item() - want) < 1e-6, (t, got, want)
 
 
@@ -55,16 +59,19 @@ def _tiny_clip(d, seed=0):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     torch.manual_seed(seed)
     tok = tiny.toy_tokenizer()
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      max_position_embeddings=77, bos_token_id=0,
                                       eos_token_id=1, pad_token_id=1, hidden_act="gelu"),
-                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, hidden_act="gelu"),
                      projection_dim=16, logit_scale_init_value=math.log(50.0))
     model = CLIPModel(cfg).eval()
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 32},
+                       crop_size={"height": 32, "width": 32}).save_pretrained(d)
     torch.save(rewards.AestheticMLP(16).state_dict(), os.path.join(d, rewards.AESTHETIC_HEAD[1]))
     return model, tok
 
@@ -74,18 +81,22 @@ def tiny_clip(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("clip"))
     model, tok = _tiny_clip(d)
     g = torch.Generator().manual_seed(1)
-    images = (torch.randint(0, 256, (5, 3, 32, 32), generator=g) / 255).float()  # exact uint8 values
-    prompts = ["a red cat", "a blue dog on the left", "a green car", "a plain picture of a bird", ""]
+    images = (torch.randint(0, 256, (5, 3, 32, 32), generator=g)
+              / 255).float()  # exact uint8 values
+    prompts = ["a red cat", "a blue dog on the left", "a green car", "a plain picture of a bird",
+               ""]
     with torch.no_grad():  # the reference: CLIPModel's own forward on CLIPProcessor inputs
         from transformers import CLIPImageProcessor
-        px = CLIPImageProcessor.from_pretrained(d)([(im * 255).round().byte().permute(1, 2, 0).numpy()
-                                                    for im in images], return_tensors="pt").pixel_values
+        px = CLIPImageProcessor.from_pretrained(d)(
+            [(im * 255).round().byte().permute(1, 2, 0).numpy() for im in images],
+            return_tensors="pt").pixel_values
         t = tok(prompts, padding="max_length", max_length=77, return_tensors="pt")
         out = model(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=px)
     return d, model, images, prompts, out
 
 
-@pytest.mark.parametrize("name,scale", [("pickscore", 1 / 26), ("clipscore", 1 / 30), ("hpsv2", None)])
+@pytest.mark.parametrize("name,scale", [("pickscore", 1 / 26), ("clipscore", 1 / 30),
+                                        ("hpsv2", None)])
 def test_clip_family_scores_and_scaling(tiny_clip, name, scale):
     import rewards
     d, model, images, prompts, out = tiny_clip
@@ -123,17 +134,22 @@ def test_hpsv2_open_clip_checkpoint_converted(tiny_clip, tmp_path):
         for i in range(n):
             a, b = f"{src}encoder.layers.{i}.", f"{tower}transformer.resblocks.{i}."
             for w in ("weight", "bias"):
-                oc[f"{b}attn.in_proj_{w}"] = torch.cat([sd[f"{a}self_attn.{p}_proj.{w}"] for p in "qkv"])
-                for x, y in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+                oc[f"{b}attn.in_proj_{w}"] = torch.cat([sd[f"{a}self_attn.{p}_proj.{w}"]
+                                                        for p in "qkv"])
+                for x, y in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                             ("mlp.fc2", "mlp.c_proj")]:
                     oc[f"{b}{y}.{w}"] = sd[f"{a}{x}.{w}"]
     e = "vision_model.embeddings."
-    oc.update({"visual.conv1.weight": sd[e + "patch_embedding.weight"], "visual.class_embedding": sd[e + "class_embedding"],
+    oc.update({"visual.conv1.weight": sd[e + "patch_embedding.weight"],
+               "visual.class_embedding": sd[e + "class_embedding"],
                "visual.positional_embedding": sd[e + "position_embedding.weight"],
-               "visual.proj": sd["visual_projection.weight"].t(), "text_projection": sd["text_projection.weight"].t(),
+               "visual.proj": sd["visual_projection.weight"].t(),
+               "text_projection": sd["text_projection.weight"].t(),
                "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
                "positional_embedding": sd["text_model.embeddings.position_embedding.weight"]})
-    for x, y in [("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+    for x, y in [("vision_model.pre_layrnorm", "visual.ln_pre"),
+                 ("vision_model.post_layernorm", "visual.ln_post"),
                  ("text_model.final_layer_norm", "ln_final")]:
         for w in ("weight", "bias"):
             oc[f"{y}.{w}"] = sd[f"{x}.{w}"]
@@ -158,8 +174,9 @@ def test_reward_mixture_weights_and_bad_specs():
     both = rewards.load("color:2,jpeg:1")
     want = (2 * rewards.color(images, prompts) - kb) / 3
     assert torch.allclose(both(images, prompts), want, atol=1e-6)
-    for bad, says in [("nope", "unknown reward"), ("color:x", "bad weight"), ("color:-1", "positive"),
-                      ("color:0", "positive"), ("", "empty"), (" , ", "empty"), ("color=some/model", "no model")]:
+    for bad, says in [("nope", "unknown reward"), ("color:x", "bad weight"),
+                      ("color:-1", "positive"), ("color:0", "positive"), ("", "empty"),
+                      (" , ", "empty"), ("color=some/model", "no model")]:
         with pytest.raises(ValueError, match=says):
             rewards.load(bad)
 
@@ -167,16 +184,21 @@ def test_reward_mixture_weights_and_bad_specs():
 def test_reward_offline_error_names_the_model(tmp_path):
     """No network: the first call (or --time) stops with one line naming the model id."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    for spec, model_id in [("clipscore", "openai/clip-vit-large-patch14"), ("pickscore", "yuvalkirstain/PickScore_v1"),
+    for spec, model_id in [("clipscore", "openai/clip-vit-large-patch14"),
+                           ("pickscore", "yuvalkirstain/PickScore_v1"),
                            ("geneval", "facebook/mask2former-swin-small-coco-instance"),
-                           ("hpsv2", "xswu/HPSv2/HPS_v2.1_compressed.pt"), ("imagereward", "THUDM/ImageReward")]:
+                           ("hpsv2", "xswu/HPSv2/HPS_v2.1_compressed.pt"),
+                           ("imagereward", "THUDM/ImageReward")]:
         r = subprocess.run([sys.executable, "rewards.py", "--time", spec], cwd=HERE, env=env,
                            capture_output=True, text=True, timeout=120)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and model_id in lines[0] and "network" in lines[0], r.stderr
-    r = subprocess.run([sys.executable, "rewards.py", "--list"], cwd=HERE, capture_output=True, text=True)
-    assert r.returncode == 0 and all(n in r.stdout for n in ["ocr", "pickscore", "hpsv2", "geneval_partial", "aesthetic",
-                                                              "imagereward"])
+        assert (r.returncode == 2 and len(lines) == 1 and model_id in lines[0]
+                and "network" in lines[0]), r.stderr
+    r = subprocess.run([sys.executable, "rewards.py", "--list"], cwd=HERE, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and all(n in r.stdout for n in ["ocr", "pickscore", "hpsv2",
+                                                             "geneval_partial", "aesthetic",
+                                                             "imagereward"])
 
 
 def _det(cls, box, score=0.95):
@@ -186,27 +208,32 @@ def _det(cls, box, score=0.95):
 def _geneval(dets, meta, colours=None):
     import rewards
     objects = rewards.geneval_select(dets, meta.get("tag"))
-    return rewards.geneval_check(objects, meta, lambda c, ds: [colours[id(d)] for d in ds] if colours else [])
+    return rewards.geneval_check(objects, meta,
+                                 lambda c, ds: [colours[id(d)] for d in ds] if colours else [])
 
 
 def test_geneval_counting():
-    meta = {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
+    meta = {"tag": "counting", "include": [{"class": "dog", "count": 3}],
+            "exclude": [{"class": "dog", "count": 4}]}
     dogs = [_det("dog", (10 * i, 0, 10 * i + 8, 8)) for i in range(5)]
     assert _geneval(dogs[:3], meta)[0]
-    assert not _geneval(dogs[:2], meta)[0]                                   # too few
+    assert not _geneval(dogs[:2], meta)[0]                              # too few
     ok, why = _geneval(dogs[:4], meta)
-    assert not ok and "dog < 4" in why                                       # too many
-    assert not _geneval(dogs[:2] + [_det("dog", (60, 0, 68, 8), 0.5)], meta)[0]  # counting needs 0.9
-    assert _geneval(dogs[:3] + [_det("cat", (0, 20, 8, 28))], meta)[0]       # other classes do not count
+    assert not ok and "dog < 4" in why                                  # too many
+    assert not _geneval(dogs[:2] + [_det("dog", (60, 0, 68, 8), 0.5)],
+                        meta)[0]                                        # counting needs 0.9
+    assert _geneval(dogs[:3] + [_det("cat", (0, 20, 8, 28))], meta)[0]  # other classes do not count
 
 
 def test_geneval_position():
-    meta = {"tag": "position", "include": [{"class": "bench", "count": 1},
-                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    meta = {"tag": "position",
+            "include": [{"class": "bench", "count": 1},
+                        {"class": "dog", "count": 1, "position": ["left of", 0]}]}
     bench = _det("bench", (60, 40, 90, 60))
     assert _geneval([bench, _det("dog", (0, 40, 30, 60))], meta)[0]
     assert not _geneval([bench, _det("dog", (95, 40, 120, 60))], meta)[0]  # right of it
-    assert not _geneval([bench, _det("dog", (50, 40, 80, 60))], meta)[0]   # overlapping: no clear relation
+    assert not _geneval([bench, _det("dog", (50, 40, 80, 60))], meta)[0]   # overlapping: no
+                                                                           # clear relation
     assert not _geneval([_det("dog", (0, 40, 30, 60))], meta)[0]           # no target
     assert not _geneval([bench, _det("dog", (0, 40, 30, 60), 0.2)], meta)[0]  # below 0.3 confidence
     import rewards
@@ -228,27 +255,32 @@ def test_geneval_detector_code_path(tiny_clip, tmp_path):
     """The transformers Mask2Former path on a tiny random detector whose class head is forced to
     'dog': dogs are found (boxes inside the image), cats are not, colours come from CLIP."""
     import rewards
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
+                              Mask2FormerImageProcessor, SwinConfig)
     torch.manual_seed(0)
     names = ["person", "dog", "cat", "bench"]
     cfg = Mask2FormerConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1] * 4, num_heads=[1] * 4,
-                                   window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"]),
-        hidden_dim=32, feature_size=32, mask_feature_dim=32, num_queries=8, encoder_layers=1, decoder_layers=2,
-        encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2, common_stride=4,
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1] * 4,
+                                   num_heads=[1] * 4, window_size=4,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"]),
+        hidden_dim=32, feature_size=32, mask_feature_dim=32, num_queries=8, encoder_layers=1,
+        decoder_layers=2, encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2,
+        common_stride=4, id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)})
     det = Mask2FormerForUniversalSegmentation(cfg).eval()
     with torch.no_grad():
         det.class_predictor.weight.zero_()
-        det.class_predictor.bias.fill_(-10).index_fill_(0, torch.tensor([1]), 10.0)  # always 'dog'
+        det.class_predictor.bias.fill_(-10).index_fill_(0, torch.tensor([1]),
+                                                        10.0)  # always 'dog'
     det.save_pretrained(tmp_path)
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(tmp_path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64,
+                                    "longest_edge": 64}).save_pretrained(tmp_path)
     fn = rewards.GenEval(str(tmp_path), clip_id=tiny_clip[0])
     images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     dets = fn.detect(images)
     assert all(d and all(x["class"] == "dog" and x["score"] > 0.3 for x in d) for d in dets)
-    assert all(0 <= x["box"][0] < x["box"][2] <= 48 and 0 <= x["box"][1] < x["box"][3] <= 48 for d in dets for x in d)
+    assert all(0 <= x["box"][0] < x["box"][2] <= 48 and 0 <= x["box"][1] < x["box"][3] <= 48
+               for d in dets for x in d)
     want_dog = {"tag": "single_object", "include": [{"class": "dog", "count": 1}]}
     want_cat = {"tag": "single_object", "include": [{"class": "cat", "count": 1}]}
     r = fn(images, ["a photo of a dog", "a photo of a cat"], [want_dog, want_cat])
@@ -282,7 +314,8 @@ def test_missing_package_error_names_the_real_cause():
 
 def test_geneval_threshold_is_strict_as_geneval():
     meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}]}
-    assert not _geneval([_det("dog", (0, 0, 8, 8), rewards.THRESHOLD)], meta)[0]  # GenEval keeps score > 0.3
+    assert not _geneval([_det("dog", (0, 0, 8, 8), rewards.THRESHOLD)],
+                        meta)[0]  # GenEval keeps score > 0.3
     assert _geneval([_det("dog", (0, 0, 8, 8), rewards.THRESHOLD + 1e-6)], meta)[0]
 
 
@@ -292,20 +325,26 @@ def test_geneval_partial_score_as_flow_grpo():
         objects = rewards.geneval_select(dets, meta.get("tag"))
         return rewards.geneval_partial(objects, meta, lambda c, ds: [colours[id(d)] for d in ds])
     dogs = [_det("dog", (10 * i, 0, 10 * i + 8, 8)) for i in range(5)]
-    count = {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
+    count = {"tag": "counting", "include": [{"class": "dog", "count": 3}],
+             "exclude": [{"class": "dog", "count": 4}]}
     assert partial(dogs[:3], count) == 1.0
-    assert partial(dogs[:2], count) == pytest.approx(2 / 3) and partial(dogs[:5], count) == pytest.approx(1 / 3)
+    assert (partial(dogs[:2], count) == pytest.approx(2 / 3)
+            and partial(dogs[:5], count) == pytest.approx(1 / 3))
     car, bench = _det("car", (0, 0, 10, 10)), _det("bench", (20, 0, 30, 10))
     attr = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
                                              {"class": "bench", "count": 1, "color": "blue"}]}
-    assert partial([car, bench], attr, {id(car): "red", id(bench): "green"}) == pytest.approx(3 / 4)  # 1, 1, 1, 0
-    assert partial([car], attr, {id(car): "red"}) == pytest.approx(2 / 4)  # the bench: count 0 and colour 0
+    assert (partial([car, bench], attr, {id(car): "red", id(bench): "green"})
+            == pytest.approx(3 / 4))  # 1, 1, 1, 0
+    assert (partial([car], attr, {id(car): "red"})
+            == pytest.approx(2 / 4))  # the bench: count 0 and colour 0
     pos = {"tag": "position", "include": [{"class": "bench", "count": 1},
                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
     b = _det("bench", (60, 40, 90, 60))
     assert partial([b, _det("dog", (0, 40, 30, 60))], pos) == 1.0
-    assert partial([b, _det("dog", (95, 40, 120, 60))], pos) == pytest.approx(2 / 3)  # 1, 1, position 0
-    assert partial([_det("dog", (0, 40, 30, 60))], pos) == pytest.approx(1 / 3)  # no bench: 0; dog 1; no target 0
+    assert (partial([b, _det("dog", (95, 40, 120, 60))], pos)
+            == pytest.approx(2 / 3))  # 1, 1, position 0
+    assert (partial([_det("dog", (0, 40, 30, 60))], pos)
+            == pytest.approx(1 / 3))  # no bench: 0; dog 1; no target 0
 
 
 def test_geneval_maps_detector_classes_by_index():
@@ -313,11 +352,13 @@ def test_geneval_maps_detector_classes_by_index():
     head whose label file spells 'sofa' or 'tvmonitor' still yields 'couch' and 'tv'. Other
     heads map by name, aliases applied."""
     darknet = dict(enumerate(rewards.GENEVAL_CLASSES))
-    darknet.update({57: "sofa", 62: "tvmonitor", 64: "mouse", 65: "remote", 66: "keyboard", 3: "motorbike"})
+    darknet.update({57: "sofa", 62: "tvmonitor", 64: "mouse", 65: "remote", 66: "keyboard",
+                    3: "motorbike"})
     names = rewards.geneval_classes(darknet)
-    assert names == rewards.GENEVAL_CLASSES and names[57] == "couch" and names[64] == "computer mouse"
-    assert rewards.geneval_classes({0: "person", 1: "sofa", 2: "potted_plant", 3: "tv-monitor"}) == \
-        ["person", "couch", "potted plant", "tv"]
+    assert (names == rewards.GENEVAL_CLASSES and names[57] == "couch"
+            and names[64] == "computer mouse")
+    assert rewards.geneval_classes({0: "person", 1: "sofa", 2: "potted_plant",
+                                    3: "tv-monitor"}) == ["person", "couch", "potted plant", "tv"]
 
 
 def test_geneval_colour_crops_get_the_clip_transform(tiny_clip):
@@ -334,7 +375,8 @@ def test_geneval_colour_crops_get_the_clip_transform(tiny_clip):
     want = rewards.clip_pixels(crop, g.clip.size, g.clip.mean, g.clip.std)
     assert px.shape == (1, 3, g.clip.size, g.clip.size) and torch.allclose(px, want)
     squashed = torch.nn.functional.interpolate(crop, size=(g.clip.size,) * 2, mode="bilinear")
-    assert not torch.allclose(px, rewards.clip_pixels(squashed, g.clip.size, g.clip.mean, g.clip.std), atol=1e-3)
+    assert not torch.allclose(px, rewards.clip_pixels(squashed, g.clip.size, g.clip.mean,
+                                                      g.clip.std), atol=1e-3)
 
 
 def test_geneval_export_is_read_as_geneval_reads_it(tmp_path):
@@ -342,15 +384,19 @@ def test_geneval_export_is_read_as_geneval_reads_it(tmp_path):
     folders, metadata.jsonl one JSON object, samples/<5 digits>.png."""
     import re
     from PIL import Image
-    metas = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
-             {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "a photo of two dogs"}]
+    metas = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}],
+              "prompt": "a photo of a cat"},
+             {"tag": "counting", "include": [{"class": "dog", "count": 2}],
+              "prompt": "a photo of two dogs"}]
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    rewards.export_geneval(str(tmp_path), [metas[0]] * 2 + [metas[1]] * 2, [0, 0, 1, 1], [0, 1, 0, 1], images)
+    rewards.export_geneval(str(tmp_path), [metas[0]] * 2 + [metas[1]] * 2, [0, 0, 1, 1],
+                           [0, 1, 0, 1], images)
     found = {}
     for sub in sorted(os.listdir(tmp_path)):
         assert sub.isdigit()
         meta = json.load(open(tmp_path / sub / "metadata.jsonl"))
-        files = sorted(f for f in os.listdir(tmp_path / sub / "samples") if re.match(r"\d+\.png", f))
+        files = sorted(f for f in os.listdir(tmp_path / sub / "samples")
+                       if re.match(r"\d+\.png", f))
         found[meta["prompt"]] = [Image.open(tmp_path / sub / "samples" / f).size for f in files]
     assert found == {"a photo of a cat": [(16, 16)] * 2, "a photo of two dogs": [(16, 16)] * 2}
 
@@ -366,17 +412,21 @@ def test_built_in_prompt_sets():
         inc = m["include"]
         assert m["prompt"] == p and all(i["class"] in rewards.GENEVAL_CLASSES for i in inc)
         if m["tag"] == "counting":
-            assert p == f"a photo of {prompts.NUMBERS[inc[0]['count']]} {prompts.plural(inc[0]['class'])}"
+            assert p == (f"a photo of {prompts.NUMBERS[inc[0]['count']]} "
+                         f"{prompts.plural(inc[0]['class'])}")
             assert m["exclude"] == [{"class": inc[0]["class"], "count": inc[0]["count"] + 1}]
         if m["tag"] == "position":
-            assert p == f"a photo of {prompts.with_article(inc[1]['class'])} {inc[1]['position'][0]} " \
+            assert p == f"a photo of {prompts.with_article(inc[1]['class'])} " \
+                        f"{inc[1]['position'][0]} " \
                         f"{prompts.with_article(inc[0]['class'])}" and inc[1]["position"][1] == 0
         if "color" in inc[0]:
             assert all(i["class"] != "person" and i["color"] in rewards.GENEVAL_COLORS for i in inc)
-    assert "a photo of an airplane" in train + test and "a photo of three benchs" in train + test  # GenEval's plural rule
+    assert ("a photo of an airplane" in train + test
+            and "a photo of three benchs" in train + test)  # GenEval's plural rule
     for task in ("ocr", "aesthetic"):
         tr, te, _ = prompts.builtin(task)
-        assert len(tr) > 1000 and len(te) > 50 and not set(tr) & set(te) and prompts.builtin(task)[0] == tr
+        assert (len(tr) > 1000 and len(te) > 50 and not set(tr) & set(te)
+                and prompts.builtin(task)[0] == tr)
     assert all(rewards.ocr_target(p) for p in prompts.builtin("ocr")[0])
 
 
@@ -394,8 +444,10 @@ def _imagereward_reference(sd, cfg, px, ids, mask):
         a = (split(q) @ split(k).transpose(-1, -2) / (D // heads) ** 0.5 + add).softmax(-1)
         return (a @ split(v)).transpose(1, 2).reshape(B, N, D)
     v = "blip.visual_encoder."
-    x = F.conv2d(px, W(v + "patch_embed.proj"), sd[v + "patch_embed.proj.bias"], stride=cfg["patch"])
-    x = torch.cat([sd[v + "cls_token"].expand(len(px), -1, -1), x.flatten(2).transpose(1, 2)], 1) + sd[v + "pos_embed"]
+    x = F.conv2d(px, W(v + "patch_embed.proj"), sd[v + "patch_embed.proj.bias"],
+                 stride=cfg["patch"])
+    x = torch.cat([sd[v + "cls_token"].expand(len(px), -1, -1), x.flatten(2).transpose(1, 2)],
+                  1) + sd[v + "pos_embed"]
     for i in range(cfg["vision_layers"]):
         b = f"{v}blocks.{i}."
         q, k, vv = lin(ln(x, b + "norm1", 1e-6), b + "attn.qkv").chunk(3, -1)
@@ -403,16 +455,19 @@ def _imagereward_reference(sd, cfg, px, ids, mask):
         x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
     img = ln(x, v + "norm", 1e-6)
     t = "blip.text_encoder."
-    h = ln(W(t + "embeddings.word_embeddings")[ids] + W(t + "embeddings.position_embeddings")[: ids.shape[1]],
+    h = ln(W(t + "embeddings.word_embeddings")[ids] +
+           W(t + "embeddings.position_embeddings")[: ids.shape[1]],
            t + "embeddings.LayerNorm", 1e-12)
     pad = ((1.0 - mask[:, None, None, :].float()) * -10000.0)
     for i in range(cfg["text_layers"]):
         l = f"{t}encoder.layer.{i}."
         for part, kv, add in [("attention.", h, pad), ("crossattention.", img, 0.0)]:
             s = l + part + "self."
-            a = attention(lin(h, s + "query"), lin(kv, s + "key"), lin(kv, s + "value"), cfg["text_heads"], add)
+            a = attention(lin(h, s + "query"), lin(kv, s + "key"), lin(kv, s + "value"),
+                          cfg["text_heads"], add)
             h = ln(lin(a, l + part + "output.dense") + h, l + part + "output.LayerNorm", 1e-12)
-        h = ln(lin(F.gelu(lin(h, l + "intermediate.dense")), l + "output.dense") + h, l + "output.LayerNorm", 1e-12)
+        h = ln(lin(F.gelu(lin(h, l + "intermediate.dense")), l + "output.dense") + h,
+               l + "output.LayerNorm", 1e-12)
     r = h[:, 0]
     for j in (0, 2, 4, 6, 7):  # the MLP's Linear layers (Dropout between, no activation)
         r = lin(r, f"mlp.layers.{j}")
@@ -427,8 +482,10 @@ def test_imagereward_checkpoint_on_transformers_blip(tmp_path):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: 0.2 * torch.randn(*s, generator=g)
     Dv, Dt, V = 32, 32, 40
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "on", "the", "left", "photo", "of"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(V - len(words))]) + "\n")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "on", "the",
+             "left", "photo", "of"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(V - len(words))])
+                                        + "\n")
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
     cfg = {"patch": 16, "vision_layers": 1, "vision_heads": 1, "text_layers": 2, "text_heads": 2}
     sd, v, t = {}, "blip.visual_encoder.", "blip.text_encoder."
@@ -437,30 +494,40 @@ def test_imagereward_checkpoint_on_transformers_blip(tmp_path):
     lin = lambda k, o, i: sd.update({k + ".weight": r(o, i), k + ".bias": r(o)})
     norm = lambda k, d: sd.update({k + ".weight": 1 + r(d), k + ".bias": r(d)})
     b = v + "blocks.0."
-    norm(b + "norm1", Dv); lin(b + "attn.qkv", 3 * Dv, Dv); lin(b + "attn.proj", Dv, Dv); norm(b + "norm2", Dv)
+    norm(b + "norm1", Dv)
+    lin(b + "attn.qkv", 3 * Dv, Dv)
+    lin(b + "attn.proj", Dv, Dv)
+    norm(b + "norm2", Dv)
     lin(b + "mlp.fc1", 4 * Dv, Dv); lin(b + "mlp.fc2", Dv, 4 * Dv); norm(v + "norm", Dv)
-    sd.update({t + "embeddings.word_embeddings.weight": r(V, Dt), t + "embeddings.position_embeddings.weight": r(40, Dt),
+    sd.update({t + "embeddings.word_embeddings.weight": r(V, Dt),
+               t + "embeddings.position_embeddings.weight": r(40, Dt),
                t + "embeddings.position_ids": torch.arange(40)[None]})
     norm(t + "embeddings.LayerNorm", Dt)
     for i in range(2):
         l = f"{t}encoder.layer.{i}."
         for part, kv in [("attention.", Dt), ("crossattention.", Dv)]:
-            lin(l + part + "self.query", Dt, Dt); lin(l + part + "self.key", Dt, kv); lin(l + part + "self.value", Dt, kv)
+            lin(l + part + "self.query", Dt, Dt)
+            lin(l + part + "self.key", Dt, kv)
+            lin(l + part + "self.value", Dt, kv)
             lin(l + part + "output.dense", Dt, Dt); norm(l + part + "output.LayerNorm", Dt)
-        lin(l + "intermediate.dense", 64, Dt); lin(l + "output.dense", Dt, 64); norm(l + "output.LayerNorm", Dt)
+        lin(l + "intermediate.dense", 64, Dt)
+        lin(l + "output.dense", Dt, 64)
+        norm(l + "output.LayerNorm", Dt)
     for j, (o, i) in zip((0, 2, 4, 6, 7), [(1024, Dt), (128, 1024), (64, 128), (16, 64), (1, 16)]):
         lin(f"mlp.layers.{j}", o, i)
-    sd.update({"blip.vision_proj.weight": r(8, Dv), "blip.vision_proj.bias": r(8)})  # unused by the score
+    sd.update({"blip.vision_proj.weight": r(8, Dv),
+               "blip.vision_proj.bias": r(8)})  # unused by the score
     torch.save(sd, tmp_path / "ImageReward.pt")
     (tmp_path / "med_config.json").write_text(json.dumps(dict(
-        vocab_size=V, hidden_size=Dt, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=40, layer_norm_eps=1e-12, encoder_width=Dv, hidden_act="gelu", add_cross_attention=True)))
+        vocab_size=V, hidden_size=Dt, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=40, layer_norm_eps=1e-12, encoder_width=Dv,
+        hidden_act="gelu", add_cross_attention=True)))
     fn = rewards.load(f"imagereward={tmp_path}")
     images = torch.rand(3, 3, 48, 40, generator=g)
     prompts_ = ["a red cat", "a photo of a dog on the left", "the cat"]
     got = fn(images, prompts_)
-    tok = BertTokenizer.from_pretrained(tmp_path)(prompts_, padding="max_length", truncation=True, max_length=35,
-                                                  return_tensors="pt")
+    tok = BertTokenizer.from_pretrained(tmp_path)(prompts_, padding="max_length", truncation=True,
+                                                  max_length=35, return_tensors="pt")
     px = rewards.clip_pixels(images, 32, rewards.CLIP_MEAN, rewards.CLIP_STD)
     with torch.no_grad():
         want = _imagereward_reference(sd, cfg, px, tok.input_ids, tok.attention_mask)
@@ -469,6 +536,6 @@ def test_imagereward_checkpoint_on_transformers_blip(tmp_path):
 
 
 def test_prompt_sets_piped_into_head_end_quietly():
-    r = subprocess.run(f"{sys.executable} -m opd_support.prompts ocr train | head -3", shell=True, cwd=HERE,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(f"{sys.executable} -m opd_support.prompts ocr train | head -3", shell=True,
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3 and r.stderr == "", r.stderr
