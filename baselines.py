@@ -50,10 +50,10 @@ import torch
 import opd
 from opd import bcast, gaussian_logp, opd_loss, rollout, transition
 from opd_support import evaluation, reports, runs
-from opd_support.config import ATTN, TINY_MULTI, Config, model_kind, parse_config, resolve
+from opd_support.config import ATTN, TINY_TARGETS, Config, model_kind, parse_config, resolve
 from opd_support.machinery import chunks, gather, main as cli, rank_world, rng, say
 from opd_support.checkpoints import write_text
-from opd_support.options import arg, one_of, text
+from opd_support.options import arg, names, one_of, text
 from opd_support.prompts import draw_prompts
 from opd_support.sd3 import sd3_sigmas
 
@@ -61,9 +61,22 @@ DISTILL_LOSSES = ("closed", "ppo", "sft", "offpolicy", "dance", "flow", "dmd", "
 ODE_LOSSES = ("sft", "offpolicy", "dance", "dmd", "tdm")  # they roll out (or sample) with the ODE
 
 
+STUDENTS = {"sft": 0.0, "offpolicy": 0.0, "ppo": 0.7, "dance": 0.0, "flow": 0.7, "dmd": 0.0,
+            "tdm": 0.0}  # the distillation baselines: --loss -> the noise level of its rollouts
+METHODS = ("opd", *STUDENTS, "joint-grpo_guard", "joint-nft", "cascade-nft")
+
+
 def _seeds_ok(s):
     seeds = s.split(",")
     return all(x.isdigit() for x in seeds) and len(set(map(int, seeds))) == len(seeds)
+
+
+def _grid_ok(s):
+    return all(float(x) > 0 for x in s.split(","))
+
+
+def _choice_ok(s):
+    return isinstance(json.loads(s), dict)
 
 
 @dataclasses.dataclass
@@ -72,6 +85,13 @@ class Args(Config):
     loss: str = arg("closed", one_of(*DISTILL_LOSSES), "distill: the student's method")
     seeds: str = arg("", text(True, _seeds_ok, "distinct seeds like 0,1,2"),
                      "compare / noise: one run per seed into <out>/seed-<s>, then mean and spread")
+    methods: str = arg(",".join(METHODS), names(METHODS),
+                       "compare: the methods besides the teachers")
+    lr_grid: str = arg("", text(True, _grid_ok, "multiples like 0.3,1,3"),
+                       "compare: each method's lr from these multiples of its default, chosen on "
+                       "the validation prompts (the first of --seeds chooses for all)")
+    lr_choice: str = arg("", text(True, _choice_ok, "a JSON object"),
+                         "compare: {run: multiple} chosen before (set by --seeds)")
 
     def relations(self, stage):
         a = self.noise_level
@@ -101,22 +121,22 @@ def rl_config(cfg, stage):
     every task, so it gets the student's targets (AdaLN and text projections too)."""
     kind = model_kind(cfg.model)
     return resolve(cfg, "teacher", optim_steps=RL_STEPS[kind, stage],
-                   lora_targets=TINY_MULTI if kind == "tiny" else ATTN)
+                   lora_targets=TINY_TARGETS if kind == "tiny" else ATTN)
 
 
-def joint(cfg, model, tasks):
-    """Every epoch samples every task: one LoRA, each image scored by its own task's reward."""
-    c = rl_config(cfg, "joint")
-    opd.train_rl(c, model, [tasks] * (c.optim_steps // c.updates_per_epoch), f"joint-{c.algo}")
+def joint(c, model, tasks, name=None):
+    """Every epoch samples every task: one LoRA, each image scored by its own task's reward.
+    c: rl_config's."""
+    opd.train_rl(c, model, [tasks] * (c.optim_steps // c.updates_per_epoch),
+                 name or f"joint-{c.algo}")
 
 
-def cascade(cfg, model, tasks):
+def cascade(c, model, tasks, name=None):
     """--optim_steps in all, an equal share per task in --tasks order, one LoRA (and
-    optimizer) throughout."""
-    c = rl_config(cfg, "cascade")
+    optimizer) throughout. c: rl_config's."""
     per, K = max(1, c.optim_steps // len(tasks)), c.updates_per_epoch
     schedule = [[tasks[min(first // per, len(tasks) - 1)]] for first in range(0, c.optim_steps, K)]
-    opd.train_rl(c, model, schedule, f"cascade-{c.algo}")
+    opd.train_rl(c, model, schedule, name or f"cascade-{c.algo}")
 
 
 # ------------------------------------------------------------------------------ distillation
@@ -452,6 +472,11 @@ def tdm_round(cfg, model, tasks, r, run, guidance):
 
 TRAJECTORIES = {"sft": sft_trajectory, "offpolicy": offpolicy_trajectory,
                 "dance": dance_trajectory}
+TRAINED_FORWARDS = {  # per trajectory: the student's forwards with a loss (DMD: + the fake's)
+    "sft": lambda c: len(opd.sampler_of(c).loss_steps),
+    "offpolicy": lambda c: len(opd.sampler_of(c).loss_steps),
+    "flow": lambda c: len(opd.sampler_of(c).loss_steps),
+    "dance": lambda c: 1, "dmd": lambda c: 1 + DMD_FAKE_UPDATES, "tdm": lambda c: 2}
 ROUNDS = {**dict.fromkeys(TRAJECTORIES, trajectory_round), "flow": flow_round,
           "dmd": dmd_round, "tdm": tdm_round}
 
@@ -470,18 +495,20 @@ def distill_baseline(cfg, model, tasks, teacher_dirs, name):
         return
     guidance = opd.load_teachers(cfg, model, teacher_dirs)
     for r in runs.rounds(run, run.start, cfg.optim_steps):
-        evaluation.log_held_out(cfg, model, tasks, run, r)
+        if evaluation.validate(cfg, model, tasks, run, r):
+            break
         t0 = time.perf_counter()
         runs.embed_round_prompts(cfg, model, tasks, r, run)
         losses = ROUNDS[cfg.loss](cfg, model, tasks, r, run, guidance)
         grad_norm = runs.optimizer_step(cfg, run)
         run.ema.step(r + 1)
+        run.count(cfg, cfg.batch_size * len(tasks), TRAINED_FORWARDS[cfg.loss](cfg))
         run.elapsed += time.perf_counter() - t0
         run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm,
-                elapsed=round(run.elapsed, 3))
+                elapsed=round(run.elapsed, 3), forwards=run.forwards)
         runs.checkpoint(cfg, model, run, r, r + 1)
-    evaluation.log_held_out(cfg, model, tasks, run, cfg.optim_steps)
-    runs.finish_run(cfg, model, run, cfg.optim_steps * len(tasks) * cfg.batch_size)
+    evaluation.validate(cfg, model, tasks, run, None)
+    runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
 
 
 def student(cfg, model, tasks, dirs, name=None):
@@ -493,53 +520,105 @@ def student(cfg, model, tasks, dirs, name=None):
 
 
 # ------------------------------------------------------------------------------ the comparison
-DISTILL_BASELINES = [("sft", 0.0), ("offpolicy", 0.0), ("ppo", 0.7), ("dance", 0.0),
-                     ("flow", 0.7), ("dmd", 0.0), ("tdm", 0.0)]  # (--loss, rollout noise a)
+COMPARE_CAPS = {"tiny": dict(teacher=300, distill=200, joint=600),   # optimizer steps at most:
+                "real": dict(teacher=2000, distill=1000, joint=4000)}  # --plateau stops before
+COMPARE_PLATEAU, COMPARE_EVERY = "3,0.003", 10  # unless --plateau / --eval_every are given
 
 
-def budget_steps(cfg, algo):
-    """RL steps of joint and cascade RL (with --algo algo) that sample as many trajectories as
-    OPD: M teachers x T steps x B_T, plus D distillation rounds x M x B_D. Joint samples M x B_T
-    a step, cascade B_T a step: joint T + D B_D / B_T steps, cascade M times that; each rounded
-    up to whole epochs of the algorithm."""
-    t, d = resolve(cfg, "teacher"), resolve(cfg, "distill")
-    k = resolve(dataclasses.replace(cfg, algo=algo), "teacher").updates_per_epoch
-    steps = t.optim_steps + math.ceil(d.optim_steps * d.batch_size / t.batch_size)
+def final_val(run_dir):
+    """(the validation metrics at the first and at the last evaluation of a run)."""
+    curve = reports.held_out_curve(run_dir)
+    return curve[0][2], curve[-1][2]
 
-    def up(x):
-        return math.ceil(x / k) * k
-    return up(steps), up(steps * len(cfg.tasks.split(",")))
+
+def tuned(cfg, c, name, train, score):
+    """Train the run `name` with c, its learning rate chosen on the validation prompts: with
+    --lr_grid one run per multiple of c.lr into grid/<name>-x<multiple>, the best by
+    score(run folder) copied to <name>; the choice and every score in <out>/lr.json. A choice
+    given in cfg.lr_choice (another seed's) is trained directly."""
+    import shutil
+    given = json.loads(cfg.lr_choice or "{}").get(name)
+    grid = [given] if given else [float(x) for x in (cfg.lr_grid or "1").split(",")]
+    if len(grid) == 1:
+        return train(dataclasses.replace(c, lr=c.lr * grid[0]), name)
+    scores = {}
+    for mult in grid:
+        folder = f"grid/{name}-x{mult:g}"
+        train(dataclasses.replace(c, lr=c.lr * mult), folder)
+        scores[mult] = score(os.path.join(cfg.out, folder))
+    best = max(scores, key=scores.get)
+    path, final = os.path.join(cfg.out, "lr.json"), os.path.join(cfg.out, name)
+    if rank_world()[0] == 0:
+        if not os.path.isdir(final):
+            shutil.copytree(os.path.join(cfg.out, f"grid/{name}-x{best:g}"), final)
+        chosen = json.load(open(path)) if os.path.isfile(path) else {}
+        chosen[name] = {"multiple": best, "lr": c.lr * best,
+                        "scores": {f"{m:g}": v for m, v in scores.items()}}
+        write_text(path, json.dumps(chosen, indent=1))
+        say(0, f"{name}: lr {c.lr * best:g} ({best:g} x {c.lr:g}) chosen on the validation "
+               f"prompts, scores {', '.join(f'{m:g}: {v:.3f}' for m, v in scores.items())}")
+    barrier_all()
+
+
+def barrier_all():
+    from opd_support.machinery import barrier
+    barrier(rank_world()[1])
 
 
 def compare(cfg, model, tasks):
-    """Teachers, OPD (held-out metrics every eval_every rounds), joint RL with both algorithms,
-    cascade NFT, the distillation baselines from the same teachers; then the table, and the
-    time OPD (teachers + distillation) took to reach each RL baseline's average (compare.json)."""
-    names = [t.name for t in tasks]
-    t_cfg = resolve(cfg, "teacher")
-    for t in tasks:
-        opd.train_rl(t_cfg, model, [[t]] * (t_cfg.optim_steps // t_cfg.updates_per_epoch),
-                     f"teacher-{t.name}")
+    """Every method from the same base on --tasks, each trained until its validation average
+    stops improving (--plateau; a cap of optimizer steps) with its learning rate chosen from
+    --lr_grid on the validation prompts: the teachers, then OPD and the students of the same
+    teachers, joint RL with both algorithms, cascade NFT; then the table on the test prompts
+    (eval), budget.json (each method's trained forwards and seconds) and the figures
+    anytime.png (validation average against trained forwards) and conflict.png."""
+    names, kind = [t.name for t in tasks], model_kind(cfg.model)
+    caps = COMPARE_CAPS[kind]
+    cfg = dataclasses.replace(cfg, eval_every=cfg.eval_every or COMPARE_EVERY,
+                              plateau=cfg.plateau or COMPARE_PLATEAU)
+    methods = cfg.methods.split(",")
+    own = {}
+    for t in tasks:  # the teachers: each scored on its own task
+        c = resolve(dataclasses.replace(cfg, optim_steps=caps["teacher"]), "teacher")
+        tuned(cfg, c, f"teacher-{t.name}", lambda c, n, t=t: opd.train_rl(
+            c, model, [[t]] * (c.optim_steps // c.updates_per_epoch), n),
+            lambda d, t=t: final_val(d)[1][t.name])
+        own[t.name] = final_val(os.path.join(cfg.out, f"teacher-{t.name}"))
+    base = {t: own[t][0][t] for t in names}
+
+    def share_of_gains(d):  # mean over tasks of the share of its teacher's validation gain
+        last = final_val(d)[1]
+        return sum((last[t] - base[t]) / max(own[t][1][t] - base[t], 1e-9) for t in names) / \
+            len(names)
     dirs = runs.teacher_dirs(cfg, names)
-    d = resolve(cfg, "distill")
-    opd.distill(dataclasses.replace(d, eval_every=cfg.eval_every or max(1, d.optim_steps // 6)),
-                model, tasks, dirs)
+    d = resolve(dataclasses.replace(cfg, optim_steps=caps["distill"], log_conflict=True),
+                "distill")
+    if "opd" in methods:
+        tuned(cfg, d, "student", lambda c, n: opd.distill(c, model, tasks, dirs, n),
+              share_of_gains)
+    for loss, a in STUDENTS.items():
+        if loss in methods:
+            c = resolve(dataclasses.replace(cfg, loss=loss, noise_level=a,
+                                            optim_steps=caps["distill"]), "distill")
+            tuned(cfg, c, f"student-{loss}",
+                  lambda c, n: student(c, model, tasks, dirs, n), share_of_gains)
+    steps = [json.load(open(os.path.join(dirs[t], "run.json")))["steps"] for t in names]
     for algo, stage in [("grpo_guard", "joint"), ("nft", "joint"), ("nft", "cascade")]:
-        steps = budget_steps(cfg, algo)[stage == "cascade"]
-        sub = dataclasses.replace(cfg, algo=algo, optim_steps=steps)
-        (joint if stage == "joint" else cascade)(sub, model, tasks)
-    for loss, a in DISTILL_BASELINES:
-        student(dataclasses.replace(cfg, loss=loss, noise_level=a), model, tasks, dirs)
+        if f"{stage}-{algo}" not in methods:
+            continue
+        c = rl_config(dataclasses.replace(cfg, algo=algo, log_conflict=stage == "joint"), stage)
+        K = c.updates_per_epoch
+        c = dataclasses.replace(c, optim_steps=caps["joint"]) if stage == "joint" else \
+            dataclasses.replace(c, plateau="", optim_steps=math.ceil(sum(steps) / K) * K)
+        train = joint if stage == "joint" else cascade
+        tuned(cfg, c, f"{stage}-{algo}", lambda c, n, train=train: train(c, model, tasks, n),
+              share_of_gains)
     table = evaluation.evaluate(resolve(cfg, "eval"), model, tasks)
-    if rank_world()[0] == 0:  # the paper: OPD reached joint RL's level in ~97 of its ~130 h
-        reach = {t: reports.time_to_reach(cfg.out, table, names, t)
-                 for t in ("joint-grpo_guard", "joint-nft", "cascade-nft")}
-        write_text(os.path.join(cfg.out, "compare.json"), json.dumps(reach, indent=1))
-        for r in reach.values():
-            say(0, r["says"])
+    if rank_world()[0] == 0:
+        reports.budget(cfg.out, table, names)
+        reports.anytime_figure(cfg.out, table, names)
+        reports.conflict_figure(cfg.out, names)
     return table
-
-
 # ------------------------------------------------------------------------------ noise ablation
 NOISE_RUNS = [(0.0, "kl"), (0.3, "kl"), (0.7, "kl"), (0.3, "sigma"), (0.7, "sigma")]
 
@@ -586,23 +665,34 @@ def run(cfg):
               "distill": ["distill"]}.get(cfg.stage, ["teacher"])
     runs.preflight(cfg, stages)
     if cfg.stage in ("joint", "cascade"):
-        rl_config(cfg, cfg.stage)
+        rl = rl_config(cfg, cfg.stage)
     model, tasks = runs.setup(cfg, stages[0])
     if cfg.stage == "distill":
         return student(cfg, model, tasks, runs.teacher_dirs(cfg, [t.name for t in tasks]))
-    stage = {"joint": joint, "cascade": cascade, "compare": compare, "noise": noise}[cfg.stage]
+    if cfg.stage in ("joint", "cascade"):
+        return (joint if cfg.stage == "joint" else cascade)(rl, model, tasks)
+    stage = {"compare": compare, "noise": noise}[cfg.stage]
     if not cfg.seeds:
         return stage(cfg, model, tasks)
     seeds, names = [int(s) for s in cfg.seeds.split(",")], [t.name for t in tasks]
     for s in seeds:  # noise: the run's teachers for every seed (only OPD's seed varies)
         c = dataclasses.replace(cfg, seed=s, out=os.path.join(cfg.out, f"seed-{s}"))
         extra = {"dirs": runs.teacher_dirs(cfg, names)} if cfg.stage == "noise" else {}
+        if cfg.stage == "compare" and s != seeds[0]:  # the learning rates seed 0 chose
+            c = dataclasses.replace(c, lr_choice=lr_choice(cfg.out, seeds[0]))
         stage(c, model, tasks, **extra)
     if rank_world()[0] == 0:
         if cfg.stage == "compare":
             reports.compare_seeds(cfg.out, seeds, names)
         else:
             reports.noise_seeds(cfg.out, seeds)
+
+
+def lr_choice(out, seed):
+    """{run: the multiple of its default lr chosen} from <out>/seed-<seed>/lr.json, as JSON."""
+    path = os.path.join(out, f"seed-{seed}", "lr.json")
+    chosen = json.load(open(path)) if os.path.isfile(path) else {}
+    return json.dumps({k: v["multiple"] for k, v in chosen.items()})
 
 
 def parse_args(argv=None):

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import time
-import types
 
 import torch
 
@@ -44,7 +43,6 @@ class Args(Config):
     peak_tflops: float = arg(0, num(float, 0), "the device's peak bf16 TFLOP/s (0: a known GPU's)")
     gpu_check: bool = arg(False, FLAG, "every stage at the paper's per-GPU batch (gpu_check)")
 
-ONE_PROCESS = types.SimpleNamespace(rank=0, world=1)  # for opd.rl_sample outside a run
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of GPUs by name; --peak_tflops for others
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H20", 148), ("GH200", 989),
                ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181),
@@ -536,11 +534,12 @@ def gpu_check(cfg):
         for _ in range(2):  # a warm-up, then the measured update
             m.active = "?"
             with measured(m, peak) as r:
-                samples, _ = opd.rl_sample(rc, m, tasks[:1], 0, ONE_PROCESS)
+                one = runs.single_process()
+                samples, _ = opd.rl_sample(rc, m, tasks[:1], 0, one)
                 if algo == "grpo_guard":
-                    opd.grpo_guard_update(rc, m, samples, torch.arange(9))
+                    opd.grpo_guard_update(rc, m, samples, torch.arange(9), one)
                 else:
-                    opd.nft_update(rc, m, samples, torch.arange(9), 0)
+                    opd.nft_update(rc, m, samples, torch.arange(9), 0, one)
                 opt.step(); opt.zero_grad(set_to_none=True)
         rows.append({"stage": f"{algo} update", "checkpointing": True,
                      "batch": "9" + (", CFG" if rc.guidance != 1 else ", CFG-free"),

@@ -318,29 +318,32 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
     sampler = sampler_of(cfg)
     trajectory = distill_trajectory if cfg.two_pass else distill_trajectory_fused
     for r in runs.rounds(run, run.start, cfg.optim_steps):
-        evaluation.log_held_out(cfg, model, tasks, run, r)
+        if evaluation.validate(cfg, model, tasks, run, r):  # --eval_every; --plateau: stop
+            break
         t0 = time.perf_counter()
         runs.embed_round_prompts(cfg, model, tasks, r, run)  # the text encoders, once per many
         losses = {}
         for i, task in enumerate(tasks):  # every task m, round-robin
             prompts = runs.my_share(draw_prompts(cfg, task, r, i, cfg.batch_size), run)
             g = rng(cfg.seed, "rollout", i, run.rank, step=r)  # the student's own noise
-            losses[task.name] = 0.0
-            for s in chunks(len(prompts), cfg.micro_batch):
+            losses[task.name], parts = 0.0, chunks(len(prompts), cfg.micro_batch)
+            for k, s in enumerate(parts):
                 ps, share = prompts[s], len(prompts[s]) / len(prompts)
                 student = model.velocity("student", ps, cfg.guidance)
                 teacher = model.velocity(f"teacher-{task.name}", ps, guidance[task.name])
                 _, loss = trajectory(student, teacher, model.noise(len(ps), g), sampler, g,
                                      share / len(tasks))  # the gradient: a mean over tasks
                 losses[task.name] += loss * share
+                run.conflict.mark(task.name, 2 * k // len(parts))  # --log_conflict
         grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks too
         run.ema.step(r + 1)
+        run.count(cfg, cfg.batch_size * len(tasks), len(sampler.loss_steps))
         run.elapsed += time.perf_counter() - t0
         run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm,
-                elapsed=round(run.elapsed, 3), time_round=round(time.perf_counter() - t0, 4))
+                elapsed=round(run.elapsed, 3), forwards=run.forwards, **run.conflict_row)
         runs.checkpoint(cfg, model, run, r, r + 1)
-    evaluation.log_held_out(cfg, model, tasks, run, cfg.optim_steps)
-    runs.finish_run(cfg, model, run, cfg.optim_steps * len(tasks) * cfg.batch_size)
+    evaluation.validate(cfg, model, tasks, run, None)
+    runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +352,7 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
 @dataclasses.dataclass
 class Samples:
     """One task's samples of an RL epoch on this rank."""
+    task: str
     prompts: list              # (b,) the prompt of each image
     traj: dict                 # rollout(): states (b, N+1, C, h, w), means, stds, logps
     advantages: torch.Tensor   # (b,) within each prompt's group
@@ -364,8 +368,9 @@ def rl_sample(cfg, model, tasks, first, run):
     G, nft = cfg.group_size, cfg.algo == "nft"
     n = cfg.updates_per_epoch * cfg.batch_size  # the epoch's trajectories per task, all ranks
     sigmas, samples, rewards = sd3_sigmas(cfg.sampler_steps), [], {}
-    for i, task in enumerate(tasks):
-        prompts = [p for p in draw_prompts(cfg, task, first, i, n // G) for _ in range(G)]
+    for i, task in enumerate(tasks):  # the epoch's prompts: draw number first // K
+        draw = first // cfg.updates_per_epoch
+        prompts = [p for p in draw_prompts(cfg, task, draw, i, n // G) for _ in range(G)]
         mine = runs.my_share(prompts, run)
         g = rng(cfg.seed, "rollout", i, run.rank, step=first)
         parts = []
@@ -378,11 +383,11 @@ def rl_sample(cfg, model, tasks, first, run):
         r_all = gather(score(task, images, mine).to(model.device), run.world).cpu()
         adv = group_advantages(r_all, torch.arange(len(prompts)) // G, global_std=nft)
         rewards[task.name] = r_all.mean().item()
-        samples.append(Samples(mine, traj, runs.my_share(adv, run).to(model.device)))
+        samples.append(Samples(task.name, mine, traj, runs.my_share(adv, run).to(model.device)))
     return samples, rewards
 
 
-def grpo_guard_update(cfg, model, samples, rows):
+def grpo_guard_update(cfg, model, samples, rows, run):
     """GRPO-Guard's gradient for one update on the samples `rows` (indices into each task's
     samples on this rank): the clipped ratio at the stored steps 0..N-2 in order, RatioNorm and
     1/|dt| (--no_ratio_norm: plain Flow-GRPO). Returns the update's statistics over all ranks as
@@ -391,7 +396,8 @@ def grpo_guard_update(cfg, model, samples, rows):
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
     stats = torch.zeros(4, dtype=torch.float64, device=model.device)  # summed on the device
     for task in samples:
-        for s in chunks(b, cfg.micro_batch):
+        parts = chunks(b, cfg.micro_batch)
+        for half, s in ((2 * k // len(parts), s) for k, s in enumerate(parts)):
             idx = rows[s]
             states, adv = task.traj["states"][idx], task.advantages[idx.to(model.device)]
             v = model.velocity("policy", [task.prompts[k] for k in idx], cfg.guidance)
@@ -408,19 +414,21 @@ def grpo_guard_update(cfg, model, samples, rows):
                 stats += torch.stack([(dev > cfg.clip_range).sum(), dev.sum(),
                                       ratio.detach().double().log().pow(2).sum(),
                                       dev.new_tensor(len(dev))])
-    clipped, abs_dev, log_sq, count = sum_over_ranks(stats, runs.rank_world()[1]).tolist()
+            run.conflict.mark(task.task, half)  # --log_conflict: this task's gradient
+    clipped, abs_dev, log_sq, count = sum_over_ranks(stats, run.world).tolist()
     return dict(clipfrac=clipped / count, ratio_dev=abs_dev / count,
                 approx_kl=0.5 * log_sq / count)
 
 
-def nft_update(cfg, model, samples, rows, step):
+def nft_update(cfg, model, samples, rows, step, run):
     """DiffusionNFT's gradient for one update on the samples `rows`: per sample a random N - 1
     of the sampler's N times (nft_timesteps), each at x_t = (1 - t) x0 + t eps with fresh eps,
     the loss nft_loss against the old adapter, plus its KL to the base (mean (v - v_ref)^2)."""
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
     for i, task in enumerate(samples):
-        g = rng(cfg.seed, "nft", i, runs.rank_world()[0], step=step)  # times and fresh noise
-        for s in chunks(b, cfg.micro_batch):
+        g = rng(cfg.seed, "nft", i, run.rank, step=step)  # times and fresh noise
+        parts = chunks(b, cfg.micro_batch)
+        for half, s in ((2 * k // len(parts), s) for k, s in enumerate(parts)):
             idx = rows[s]
             ps, x0 = [task.prompts[k] for k in idx], task.traj["states"][idx, -1]
             r = nft_r(task.advantages[idx.to(model.device)])
@@ -438,6 +446,7 @@ def nft_update(cfg, model, samples, rows, step):
                 if cfg.nft_kl:  # + KL to the base model: mean (v_theta - v_ref)^2
                     loss = loss + cfg.nft_kl * (vt - vr).pow(2).flatten(1).mean(1)
                 (loss.sum() / (b * len(samples) * (N - 1))).backward()
+            run.conflict.mark(task.task, half)
     return {}
 
 
@@ -461,28 +470,34 @@ def train_rl(cfg, model, schedule, name):
         return
     K, b = cfg.updates_per_epoch, cfg.batch_size // run.world
     epochs = runs.rounds(run, run.start, cfg.optim_steps, K)
+    every_task = list(dict.fromkeys(t for tasks in schedule for t in tasks))
     for first in epochs:  # one epoch: optimizer steps first .. first + K - 1
-        t0 = time.perf_counter()
+        if evaluation.validate(cfg, model, every_task, run, first):  # --plateau: stop
+            break
+        t0, tasks = time.perf_counter(), schedule[first // K]
         runs.embed_epoch_prompts(cfg, model, schedule, first)
-        samples, rewards = rl_sample(cfg, model, schedule[first // K], first, run)
+        samples, rewards = rl_sample(cfg, model, tasks, first, run)
         order = torch.randperm(K * b, generator=rng(cfg.seed, "shuffle", run.rank, step=first))
         for u, step in enumerate(range(first, first + K)):  # K updates of batch_size each
             rows = order[u * b:(u + 1) * b]
-            stats = grpo_guard_update(cfg, model, samples, rows) if cfg.algo == "grpo_guard" \
-                else nft_update(cfg, model, samples, rows, step)
+            stats = grpo_guard_update(cfg, model, samples, rows, run) \
+                if cfg.algo == "grpo_guard" else nft_update(cfg, model, samples, rows, step, run)
             grad_norm = runs.optimizer_step(cfg, run)
             run.ema.step(step + 1)
+            run.count(cfg, cfg.batch_size * len(tasks), cfg.sampler_steps - 1)
             now = time.perf_counter()
             run.elapsed, t0 = run.elapsed + now - t0, now
             sampled = {f"reward_{k}": v for k, v in rewards.items()} if u == 0 else {}
             run.log(step=step + 1, **sampled, grad_norm=grad_norm, **stats,
-                    elapsed=round(run.elapsed, 3))
+                    elapsed=round(run.elapsed, 3), forwards=run.forwards, **run.conflict_row)
         with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta, once an epoch
             for p_old, p in zip(run.aux, run.params):
                 p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
         epochs.set_postfix(reward=f"{sum(rewards.values()) / len(rewards):.3f}")
         runs.checkpoint(cfg, model, run, first, first + K)
-    runs.finish_run(cfg, model, run, cfg.optim_steps * len(schedule[0]) * cfg.batch_size)
+    evaluation.validate(cfg, model, every_task, run, None)
+    sampled = sum(len(schedule[e]) for e in range(run.step // K)) * K * cfg.batch_size
+    runs.finish_run(cfg, model, run, sampled)
 
 
 # ---------------------------------------------------------------------------------------------

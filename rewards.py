@@ -7,7 +7,9 @@ Rewards for DiffusionOPD: one interface for every reward.
     python rewards.py --list                   # the registry, with what each needs
 
 Weight-free rewards (work anywhere; the toy ones are used by the tiny default model):
-  color, position, jpeg (toy tasks), jpeg_compressibility, jpeg_incompressibility (DDPO).
+  color, position, jpeg (toy tasks), vivid, faded, exact (toy tasks that conflict: the
+  saturation of the mean colour, its opposite, and a sparse 0/1 success on the named colour),
+  jpeg_compressibility, jpeg_incompressibility (DDPO).
 Model-based rewards (loaded lazily on the first call, once; no grad; batched):
   ocr          rapidocr-onnxruntime: its PP-OCR models ship in the wheel, so it works offline.
   pickscore    PickScore_v1 (CLIP-H): exp(logit_scale) * cos(image, text) / 26   (Flow-GRPO's scale)
@@ -76,6 +78,36 @@ def position(images, prompts, metadata=None):
     sides = [_word(p, SIDES, "side") for p in prompts]
     return torch.stack([halves[s][i].mean() - halves[opposite[s]][i].mean()
                         for i, s in enumerate(sides)])
+
+
+CHROMATIC = ["red", "green", "blue", "yellow", "cyan", "magenta"]  # the colours with a hue
+EXACT_TOL = 0.3  # exact: the mean colour within this RGB distance of the named colour
+
+
+def saturation(images):
+    """The saturation of each image's mean colour, max - min of its mean R, G, B, in [0, 1]:
+    pixel noise averages out, so only the image's overall colour counts."""
+    m = images.float().mean((2, 3))  # (B, 3)
+    return m.max(1).values - m.min(1).values
+
+
+def vivid(images, prompts=None, metadata=None):
+    """Toy conflict task: the saturation of the mean colour (1: a pure hue)."""
+    return saturation(images)
+
+
+def faded(images, prompts=None, metadata=None):
+    """Toy conflict task: 1 - the saturation of the mean colour (1: grey), vivid's opposite."""
+    return 1 - saturation(images)
+
+
+def exact(images, prompts, metadata=None):
+    """Toy sparse task: 1 when the image's mean colour lies within EXACT_TOL (RGB distance) of
+    the colour the prompt names, else 0."""
+    target = torch.tensor([COLORS[_word(p, COLORS, "colour")] for p in prompts],
+                          dtype=torch.float32)
+    dist = (images.float().mean((2, 3)) - target.to(images.device)).norm(dim=1)
+    return (dist < EXACT_TOL).float()
 
 
 def uint8(images):
@@ -713,10 +745,15 @@ def export_geneval(folder, metas, prompt_index, seed_index, images):
 
 
 # ---------------------------------------------------------------------------- registry
+WEIGHT_FREE = ("color", "position", "jpeg", "vivid", "faded", "exact", "jpeg_compressibility",
+               "jpeg_incompressibility")
 REGISTRY = {  # name -> (factory(model_id or None, device) -> fn, what it needs)
     "color": (lambda i, d: color, "nothing (toy: mean colour vs the colour named in the prompt)"),
     "position": (lambda i, d: position, "nothing (toy: the named side brighter than the opposite)"),
     "jpeg": (lambda i, d: jpeg_compressibility, "Pillow (toy task name for jpeg_compressibility)"),
+    "vivid": (lambda i, d: vivid, "nothing (toy: the saturation of the mean colour)"),
+    "faded": (lambda i, d: faded, "nothing (toy: 1 - the saturation of the mean colour)"),
+    "exact": (lambda i, d: exact, "nothing (toy: 1 if the mean colour is the named one, else 0)"),
     "jpeg_compressibility": (lambda i, d: jpeg_compressibility, "Pillow"),
     "jpeg_incompressibility": (lambda i, d: jpeg_incompressibility, "Pillow"),
     "ocr": (lambda i, d: OCR(d), "rapidocr-onnxruntime (models ship in the wheel: offline)"),
@@ -752,8 +789,7 @@ def load(spec, device="cpu", eager=False):
             raise ValueError(f"bad weight {w!r} for reward {name!r} in {spec!r}") from None
         if not w > 0 or w == float("inf"):
             raise ValueError(f"reward weights must be positive and finite: {item!r}")
-        if model_id and name in ("color", "position", "jpeg", "jpeg_compressibility",
-                                 "jpeg_incompressibility", "ocr"):
+        if model_id and name in (*WEIGHT_FREE, "ocr"):
             raise ValueError(f"reward {name!r} has no model to choose: {item!r}")
         fn = REGISTRY[name][0](model_id or None, device)
         if eager and hasattr(fn, "load"):

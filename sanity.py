@@ -25,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 from opd import (Sampler, bcast, clipped_loss, distill_trajectory, group_advantages, log_ratio,
                  rollout, step_loss, transition)
+from opd_support.conflict import Meter
 from opd_support.sd3 import sd3_sigmas
 
 N_PROMPTS = 12  # 4 prompts per task
@@ -98,65 +99,99 @@ def task_reward(model, task, n=512, seed=123):
 
 
 # ---------------------------------------------------------------------------------- RL (toy)
-def grpo_update(model, opt, task_prompts, g, group=16, noise_level=0.7, clip=1e-3):
+def grpo_update(model, opt, task_prompts, g, meter, group=16, noise_level=0.7, clip=1e-3):
     """One GRPO-Guard update: per prompt a group of SDE rollouts, group advantages, then the
-    clipped loss (RatioNorm, 1/|dt|) on every stored step. task_prompts: list of (ids, reward)."""
-    p = torch.cat([torch.tensor(ids) for ids, _ in task_prompts]).repeat_interleave(group)
+    clipped loss (RatioNorm, 1/|dt|) on every stored step. task_prompts: {task: (ids, reward)}.
+    Each task's samples train in two halves, their gradients recorded by meter (conflict.py)."""
+    p = torch.cat([torch.tensor(ids) for ids, _ in task_prompts.values()]).repeat_interleave(group)
     x = torch.randn(len(p), 2, generator=g)
     traj = rollout(vel(model, p), x, SIGMAS, noise_level, g)
     rewards = torch.zeros(len(p))
-    for ids, reward in task_prompts:  # each prompt is rewarded by its own task
+    for ids, reward in task_prompts.values():  # each prompt is rewarded by its own task
         m = torch.isin(p, torch.tensor(ids))
         rewards[m] = reward(traj["states"][m, -1])
     adv = group_advantages(rewards, p)
     opt.zero_grad()
+    meter.start()
     N = len(SIGMAS) - 1
-    for j in range(N):
-        mu, _ = transition(traj["states"][:, j], model(traj["states"][:, j], SIGMAS[j], p),
-                           SIGMAS[j], SIGMAS[j + 1], noise_level)
-        ratio = log_ratio(mu, traj["means"][:, j], traj["states"][:, j + 1],
-                          traj["stds"][:, j]).exp()
-        # GRPO-Guard: RatioNorm's ratio, the clipped loss divided by |dt_j|
-        loss = clipped_loss(ratio, adv, clip) / abs(float(SIGMAS[j + 1] - SIGMAS[j]))
-        (loss.mean() / N).backward()
+    for task, (ids, _) in task_prompts.items():
+        rows = torch.isin(p, torch.tensor(ids)).nonzero()[:, 0]
+        for half, r in enumerate((rows[0::2], rows[1::2])):  # two halves of the task's groups
+            for j in range(N):
+                x_j = traj["states"][r, j]
+                mu, _ = transition(x_j, model(x_j, SIGMAS[j], p[r]), SIGMAS[j], SIGMAS[j + 1],
+                                   noise_level)
+                ratio = log_ratio(mu, traj["means"][r, j], traj["states"][r, j + 1],
+                                  traj["stds"][r, j]).exp()
+                # GRPO-Guard: RatioNorm's ratio, the clipped loss divided by |dt_j|
+                loss = clipped_loss(ratio, adv[r], clip) / abs(float(SIGMAS[j + 1] - SIGMAS[j]))
+                (loss.sum() / len(p) / N).backward()
+            meter.mark(task, half)
+    meter.before_step()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return rewards.mean().item()
 
 
-def rl(model, tasks, updates, seed, lr=1e-3):
-    """GRPO-Guard on a copy of model; tasks: the task names whose prompts are mixed per batch."""
+def rl(model, tasks, updates, seed, lr=1e-3, conflict=None):
+    """GRPO-Guard on a copy of model; tasks: the task names whose prompts are mixed per batch.
+    conflict: a list that receives each update's gradient cosines (conflict.Meter's row)."""
     model = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    meter = Meter(list(model.parameters()))
     for _ in range(updates):
-        grpo_update(model, opt, [TASKS[k] for k in tasks], g)
+        grpo_update(model, opt, {k: TASKS[k] for k in tasks}, g, meter)
+        row = meter.row(opt)
+        if conflict is not None:
+            conflict.append(row)
     return model
 
 
 def opd(base, teachers, rounds, seed, noise_level=0.0, lr=1e-3, batch=256, log_every=0,
-        eval_task=None):
+        eval_task=None, conflict=None):
     """OPD: student from the base; each round, for each task m, a student rollout on its prompts
-    supervised by teacher m (closed form, steps 0..N-2); one optimizer step per round."""
+    supervised by teacher m (closed form, steps 0..N-2), in two halves; one optimizer step a
+    round on the mean of the tasks' gradients. conflict: as rl's."""
     student = copy.deepcopy(base)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     sampler = Sampler(SIGMAS, noise_level)  # loss on steps 0..N-2
-    curve = []
+    meter, curve = Meter(list(student.parameters())), []
     for r in range(rounds + 1):
         if log_every and r % log_every == 0:
             curve.append((r, task_reward(student, eval_task)))
         if r == rounds:
             break
         opt.zero_grad()
+        meter.start()
         for task, teacher in teachers.items():
             ids = torch.tensor(TASKS[task][0])
-            p = ids[torch.randint(0, len(ids), (batch,), generator=g)]
-            distill_trajectory(vel(student, p), vel(teacher, p), torch.randn(batch, 2, generator=g),
-                               sampler, g)
+            for half in (0, 1):
+                p = ids[torch.randint(0, len(ids), (batch // 2,), generator=g)]
+                distill_trajectory(vel(student, p), vel(teacher, p),
+                                   torch.randn(batch // 2, 2, generator=g), sampler, g,
+                                   0.5 / len(teachers))
+                meter.mark(task, half)
+        meter.before_step()
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
+        row = meter.row(opt)
+        if conflict is not None:
+            conflict.append(row)
     return student, curve
+
+
+def conflict_table(name, rows):
+    """Print each statistic of conflict.Meter's rows: mean and 95% t-interval over steps."""
+    from scipy.stats import t as student_t
+    out = {}
+    for k in sorted({k for r in rows for k in r}):
+        v = torch.tensor([r[k] for r in rows if r.get(k) is not None], dtype=torch.float64)
+        half = float(student_t.ppf(0.975, len(v) - 1)) * v.std() / len(v) ** 0.5
+        out[k] = (v.mean().item(), half.item())
+        print(f"  {name:<9} {k:<22} {v.mean():+.3f} +- {half:.3f}")
+    return out
 
 
 # ---------------------------------------------------------------------------------- parts
@@ -263,23 +298,28 @@ def part_multitask(base, quick):
     for i, k in enumerate(TASKS):
         models[f"teacher-{k}"] = rl(base, [k], T, seed=10 + i)
     # same number of sampled trajectories for joint, cascade and OPD: 3 T batches of each task
-    models["joint RL"] = rl(base, list(TASKS), 3 * T, seed=20)
+    conflict = {"joint RL": [], "OPD": []}  # per-step gradient cosines (conflict.py)
+    models["joint RL"] = rl(base, list(TASKS), 3 * T, seed=20, conflict=conflict["joint RL"])
     m = base
     for i, k in enumerate(TASKS):
         m = rl(m, [k], 3 * T, seed=30 + i)
     models["cascade RL"] = m
     teachers = {k: models[f"teacher-{k}"] for k in TASKS}
-    models["OPD"], _ = opd(base, teachers, 3 * T if not quick else 2 * T, seed=40, batch=128)
+    models["OPD"], _ = opd(base, teachers, 3 * T if not quick else 2 * T, seed=40, batch=128,
+                           conflict=conflict["OPD"])
     table = {name: {k: task_reward(mdl, k) for k in TASKS} for name, mdl in models.items()}
     lo = {k: min(r[k] for r in table.values()) for k in TASKS}
     hi = {k: max(r[k] for r in table.values()) for k in TASKS}
     print(f"{'model':<14}" + "".join(f"{k:>9}" for k in TASKS) + f"{'avg':>9}")
-    for name, r in table.items():
+    for name, r in list(table.items()):
         avg = sum((r[k] - lo[k]) / (hi[k] - lo[k] + 1e-12) for k in TASKS) / len(TASKS)
         r["avg"] = avg
         print(f"{name:<14}" + "".join(f"{r[k]:9.3f}" for k in TASKS) + f"{avg:9.3f}")
     print("(reward per task on its own prompts, ODE samples; avg = mean of min-max-normalised "
           "scores)")
+    print("gradient conflict per step (conflict.py: cos_a_b raw, cos_adam_a_b preconditioned, "
+          "cos_half_m the noise floor, dloss_m the first-order change of task m's loss):")
+    table["conflict"] = {name: conflict_table(name, rows) for name, rows in conflict.items()}
     return table, models
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from torch.distributions import Normal
 
 import opd
 from conftest import HERE, randomise, run
-from opd_support import config, evaluation, loras, prompts, sd3
+from opd_support import config, evaluation, loras, prompts, runs, sd3
 
 
 @pytest.mark.parametrize("n", [1, 10, 40])
@@ -354,7 +353,8 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sig = opd.sd3_sigmas(3)
     try:
-        samples, _ = opd.rl_sample(cfg, m, [task], 0, types.SimpleNamespace(rank=0, world=1))
+        one = runs.single_process()
+        samples, _ = opd.rl_sample(cfg, m, [task], 0, one)
         mine, traj, adv = samples[0].prompts, samples[0].traj, samples[0].advantages
 
         def losses(rows):  # the step-0 loss of these samples, both ratio forms, today's weights
@@ -374,10 +374,10 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
         assert (r_rn - 1).abs().max() < 1e-6 and (r_pl - 1).abs().max() < 1e-6
         assert torch.allclose(l_rn, l_pl, atol=1e-6)
         assert torch.allclose(l_rn, -adv[second], atol=1e-5)
-        s1 = opd.grpo_guard_update(cfg, m, samples, first)
+        s1 = opd.grpo_guard_update(cfg, m, samples, first, one)
         opt.step()
         opt.zero_grad()
-        s2 = opd.grpo_guard_update(cfg, m, samples, second)
+        s2 = opd.grpo_guard_update(cfg, m, samples, second, one)
         (l_rn, r_rn), (l_pl, r_pl) = losses(second)
     finally:
         sd3.drop_adapters(m)

@@ -188,18 +188,20 @@ def check_resume(run_dir, cfg, say=None):
     return ck, state
 
 
-def checkpoint_state(cfg, step, opts, emas, aux, elapsed):
-    """What state.pt holds besides the adapters' weights."""
+def checkpoint_state(cfg, step, opts, emas, aux, counters):
+    """What state.pt holds besides the adapters' weights; counters: {name: number} to restore
+    (training seconds, trained forwards)."""
     return {"step": step, "optimizers": [o.state_dict() for o in opts],
             "config": dataclasses.asdict(cfg), "emas": [[e.cpu() for e in m.shadow] for m in emas],
-            "aux": [a.detach().cpu() for a in aux], "elapsed": elapsed,
+            "aux": [a.detach().cpu() for a in aux], "counters": counters,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore(ck, state, tr, names, opts, emas, aux):
     """Load a checkpoint (check_resume's folder and state) into the adapters `names` of the
-    transformer, their optimizers, the EMAs and the aux tensors; the random states too."""
+    transformer, their optimizers, the EMAs and the aux tensors; the random states too.
+    Returns the counters."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     for i, (name, opt) in enumerate(zip(names, opts)):
@@ -214,4 +216,4 @@ def restore(ck, state, tr, names, opts, emas, aux):
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["elapsed"]
+    return state.get("counters") or {"elapsed": state.get("elapsed", 0.0), "forwards": 0}

@@ -12,8 +12,9 @@ import typing
 import torch
 
 from opd_support import prompts
-from opd_support.options import (FLAG, UserError, arg, check_fields, file, folder, names, num,
-                                 one_of, pairs, parse, text)
+from opd_support.machinery import rank_world
+from opd_support.options import (FLAG, UserError, arg, check_fields, folder, names, num, one_of,
+                                 pairs, parse, task_files, text)
 
 TASKS = prompts.TOY_TASKS + tuple(prompts.REAL_TASKS)
 STAGES = ("all", "teacher", "distill", "eval")  # all = teacher, distill, eval
@@ -31,6 +32,11 @@ def _reward_ok(s):
     rewards.load(s)  # a bad name or weight raises ValueError; nothing is loaded yet
 
 
+def _plateau_ok(s):
+    k, d = s.split(",")
+    return int(k) >= 1 and float(d) >= 0
+
+
 def _decay_ok(s):
     flat, rate, cap = (float(x) for x in s.split(","))
     return flat >= 0 and rate >= 0 and 0 <= cap < 1
@@ -46,13 +52,19 @@ class Config:
     lora: str = arg("", pairs(None, text()), "eval: more NAME=DIR LoRAs to evaluate")
     model: str = arg("tiny", text(), "tiny | sd35m-random | a hub id or folder of an SD3 pipeline")
     out: str = arg("runs/tiny", folder(), "output folder")
-    prompts: str = arg("", file(), "real tasks: train prompts, txt or GenEval jsonl (built in)")
-    test_prompts: str = arg("", file(), "real tasks: held-out prompts (built in)")
+    prompts: str = arg("", task_files(TASKS),
+                       "real tasks: train prompts, txt or GenEval jsonl (default: built in)")
+    test_prompts: str = arg("", task_files(TASKS), "real tasks: test prompts (built in)")
+    toy_wording: str = arg("word", one_of("word", "template"),
+                           "tiny: faded's prompts one word apart from vivid's, or a template")
     reward: str = arg("", text(True, _reward_ok, "a reward spec (rewards.py --list)"),
                       "a reward spec in place of the task's")
     seed: int = arg(0, num(int, 0), "random seed (LoRA init, prompts, noise)")
     # how long, and how the training rollouts sample (Flow-GRPO's SDE; a = 0 is the ODE)
     optim_steps: int = arg(None, num(int, 1), "optimizer steps of the stage (stage 2: rounds)")
+    plateau: str = arg("", text(True, _plateau_ok, "K,D like 3,0.005"),
+                       "stop once the best of the last K validation averages beats the best "
+                       "before them by less than D (--optim_steps: the cap)")
     sampler_steps: int = arg(10, num(int, 2, 1000), "sampler steps N of a training rollout")
     loss_steps: str = arg("", text(True, _steps_ok, "steps like 0-8 or 0,2,4"),
                           "sampler steps with a loss (default: all but the last)")
@@ -75,7 +87,7 @@ class Config:
     # stage 1: GRPO-Guard (Flow-GRPO + RatioNorm + 1/|dt|) or DiffusionNFT
     algo: str = arg("grpo_guard", one_of("grpo_guard", "nft"), "the teachers' RL")
     group_size: int = arg(None, num(int, 2), "RL: images per prompt (one group)")
-    clip_range: float = arg(2e-6, num(float, 0, 1, lo_open=True, hi_open=True), "PPO clip range")
+    clip_range: float = arg(None, num(float, 0, 1, lo_open=True, hi_open=True), "PPO clip range")
     updates_per_epoch: int = arg(None, num(int, 1, 100),
                                  "RL: an epoch samples this many batches, one optimizer step each")
     no_ratio_norm: bool = arg(False, FLAG, "plain Flow-GRPO ratio (no RatioNorm, no 1/|dt|)")
@@ -88,7 +100,10 @@ class Config:
     sde_weight: str = arg("kl", one_of("kl", "sigma"),
                           "SDE steps: 1/(2 std^2), Eq. 11 | 1/(2 sigma_t^2), the public code")
     two_pass: bool = arg(False, FLAG, "roll out, then recompute (the reference) instead of fused")
-    eval_every: int = arg(0, num(int, 0), "held-out metrics of the EMA student every N rounds")
+    eval_every: int = arg(0, num(int, 0),
+                          "validation metrics of the EMA model every N optimizer steps (0: off)")
+    log_conflict: bool = arg(False, FLAG, "each task pair's gradient cosines every step "
+                             "(conflict.py), in metrics.jsonl")
     # evaluation (ODE)
     eval_sampler_steps: int = arg(40, num(int, 1, 1000), "sampler steps of evaluation")
     eval_batch: int = arg(16, num(int, 1), "images per forward")
@@ -96,6 +111,8 @@ class Config:
     eval_seeds: int = arg(4, num(int, 1, 1000), "images per test prompt (GenEval uses 4)")
     export_geneval: bool = arg(False, FLAG, "also write <out>/geneval/<model>/ for GenEval")
     # runs, memory, speed
+    log_to: str = arg("", names(("tensorboard", "wandb"), empty_ok=True),
+                      "also log metrics.jsonl's rows there (WANDB_MODE=offline works offline)")
     save_every: int = arg(20, num(int, 1), "checkpoint every N optimizer steps (and at the end)")
     resume: bool = arg(False, FLAG, "continue from the latest checkpoint of each stage")
     overwrite: bool = arg(False, FLAG, "redo a stage whose output exists")
@@ -138,6 +155,8 @@ class Config:
              f"--teacher_guidance names a task not among {','.join(tasks)}"),
             (stage == "eval" and self.export_geneval and "geneval" not in tasks,
              "--export_geneval needs the geneval task in --tasks"),
+            (self.plateau and not self.eval_every,
+             "--plateau stops on the validation metrics: set --eval_every"),
         ]
 
 
@@ -147,10 +166,10 @@ class Config:
 # configs on 8 GPUs (GRPO-Guard 48 x 24 images an epoch in 2 steps, NFT in 1, OPD 3 per task and
 # GPU; README).
 # ---------------------------------------------------------------------------------------------
-MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12),
-                  "real": dict(resolution=512, max_seq_len=128, group_size=24)}
+MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12, clip_range=2e-6),
+                  "real": dict(resolution=512, max_seq_len=128, group_size=24, clip_range=2e-6)}
 ATTN = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # the paper's
-TINY_MULTI = ATTN + ",norm1.linear,norm1_context.linear,norm_out.linear,context_embedder," \
+TINY_TARGETS = ATTN + ",norm1.linear,norm1_context.linear,norm_out.linear,context_embedder," \
                     "text_embedder.linear_1,text_embedder.linear_2"  # + AdaLN, text projections
 
 
@@ -168,9 +187,9 @@ class Defaults(typing.NamedTuple):
 
 STAGE_DEFAULTS = {
     # (model, stage, algo)           optim   lr   batch micro  a   CFG   K  EMA  LoRA targets
-    ("tiny", "teacher", "grpo_guard"): Defaults(60, 1e-3, 24, 0, 0.7, 4.5, 2, 1, ATTN),
-    ("tiny", "teacher", "nft"):        Defaults(60, 1e-3, 24, 0, 0.0, 1.0, 1, 1, ATTN),
-    ("tiny", "distill", None):         Defaults(60, 3e-3, 16, 0, 0.0, 4.5, 1, 1, TINY_MULTI),
+    ("tiny", "teacher", "grpo_guard"): Defaults(60, 1e-3, 24, 0, 0.7, 4.5, 2, 1, TINY_TARGETS),
+    ("tiny", "teacher", "nft"):        Defaults(60, 1e-3, 24, 0, 0.0, 1.0, 1, 1, TINY_TARGETS),
+    ("tiny", "distill", None):         Defaults(60, 3e-3, 16, 0, 0.0, 4.5, 1, 1, TINY_TARGETS),
     ("real", "teacher", "grpo_guard"): Defaults(1000, 1e-4, 576, 9, 0.7, 4.5, 2, 8, ATTN),
     ("real", "teacher", "nft"):        Defaults(1000, 3e-4, 1152, 9, 0.0, 1.0, 1, 1, ATTN),
     ("real", "distill", None):         Defaults(1000, 3e-4, 24, 3, 0.0, 4.5, 1, 8, ATTN),
@@ -206,6 +225,9 @@ def resolve(cfg, stage, **defaults):
     row = STAGE_DEFAULTS.get(key, STAGE_DEFAULTS[kind, "distill", None])  # a bad --algo: below
     table = {**MODEL_DEFAULTS[kind], **row._asdict(), **defaults}
     c = dataclasses.replace(cfg, **{k: v for k, v in table.items() if getattr(cfg, k) is None})
+    if c.log_conflict and c.micro_batch == 0 and isinstance(c.batch_size, int):
+        # two micro-batches of each task at least: two halves, the noise floor (conflict.py)
+        c.micro_batch = max(1, -(-c.batch_size // rank_world()[1] // 2))
     check_fields(c)
     for broken, message in c.relations(stage):
         if broken:

@@ -31,14 +31,15 @@ def sample_images(model, adapter, prompts, seeds, cfg, guidance):
     return torch.cat(out)
 
 
-def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None):
-    """{task: mean metric} of a model on each task's test prompts, eval_seeds images a prompt
-    (image i has seed i), split across ranks. grid: a list that receives, per task, the first
-    seed of two test prompts; export: a folder for GenEval's layout (geneval tasks)."""
+def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None, split="test"):
+    """{task: mean metric} of a model on each task's test (or validation) prompts, eval_seeds
+    images a prompt (image i has seed i), split across ranks. grid: a list that receives, per
+    task, the first seed of two test prompts; export: a folder for GenEval's layout."""
     rank, world = rank_world()
     out = {}
     for t in tasks:
-        test = t.test[: cfg.eval_prompts] if cfg.eval_prompts else t.test
+        test = t.val if split == "val" else t.test
+        test = test[: cfg.eval_prompts] if cfg.eval_prompts else test
         test = [p for p in test for _ in range(cfg.eval_seeds)]
         mine = list(range(rank, len(test), world))
         model.encode(list(dict.fromkeys(test[i] for i in mine)))  # one visit of the encoders
@@ -61,13 +62,30 @@ def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None):
     return out
 
 
-def log_held_out(cfg, model, tasks, run, step):
-    """With --eval_every: the EMA student's held-out metrics at rounds that are multiples of it,
-    and at the end, into metrics.jsonl (not timed)."""
-    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.optim_steps):
-        with run.ema.applied():
-            metrics = held_out(cfg, model, tasks, run.adapter, cfg.guidance)
-        run.log(step=step, elapsed=round(run.elapsed, 3), held_out=metrics)
+def validate(cfg, model, tasks, run, step):
+    """With --eval_every: the EMA model's metrics on each task's validation prompts at step 0,
+    every --eval_every optimizer steps after and at the end (step None: the run's last step),
+    into metrics.jsonl as `val` (not timed); their mean over tasks into run.val. Returns True
+    when --plateau says to stop."""
+    end = step is None
+    step = run.step if end else step
+    due = run.val[-1][0] + cfg.eval_every <= step if run.val else True
+    if not cfg.eval_every or not (due or end) or (run.val and run.val[-1][0] == step):
+        return False
+    with run.ema.applied():
+        metrics = held_out(cfg, model, tasks, run.adapter, cfg.guidance, split="val")
+    run.val.append((step, sum(metrics.values()) / len(metrics)))
+    run.log(step=step, elapsed=round(run.elapsed, 3), forwards=run.forwards, val=metrics)
+    if cfg.plateau and not end:
+        k, d = cfg.plateau.split(",")
+        return plateaued([v for _, v in run.val], int(k), float(d))
+    return False
+
+
+def plateaued(values, k, d):
+    """The plateau rule: True once the best of the last k values beats the best of those
+    before them by less than d (False while there are not k + 1 values)."""
+    return len(values) > k and max(values[-k:]) - max(values[:-k]) < d
 
 
 ORDER = ["teacher-", "joint-grpo_guard", "joint-nft", "cascade-grpo_guard", "cascade-nft",
@@ -102,7 +120,8 @@ def evaluate(cfg, model, tasks, loras=None):
         export = os.path.join(cfg.out, "geneval", name) if cfg.export_geneval else None
         table[name] = held_out(cfg, model, tasks, None if d is None else f"m{i}", g, grid,
                                export)
-        table[name]["seconds"] = 0.0 if d is None else float(run_info(d, "seconds", 0.0))
+        for k in ("seconds", "forwards", "steps"):  # the training's cost
+            table[name][k] = 0 if d is None else run_info(d, k, 0)
     drop_adapters(model)
     if rank_world()[0] == 0:
         write_eval(cfg.out, table, [t.name for t in tasks], grid)
@@ -119,10 +138,11 @@ def normalised_mean(table, tasks, ref=None):
                       for k in tasks) / len(tasks) for name, r in table.items()}
 
 
-def method_seconds(table):
-    """Training seconds of each model's whole method: a student's include its teachers'."""
-    teachers = sum(r["seconds"] for n, r in table.items() if n.startswith("teacher-"))
-    return {n: r["seconds"] + (teachers if n.startswith("student") else 0.0)
+def method_seconds(table, key="seconds"):
+    """Training seconds (or another cost: key) of each model's whole method: a student's include
+    its teachers'."""
+    teachers = sum(r.get(key, 0) for n, r in table.items() if n.startswith("teacher-"))
+    return {n: r.get(key, 0) + (teachers if n.startswith("student") else 0)
             for n, r in table.items()}
 
 

@@ -113,6 +113,58 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
+def flatten(row, prefix=""):
+    """A metrics row's numbers as {name: float}, nested dicts as name/key (val/color)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = float(v)
+    return out
+
+
+class Trackers:
+    """--log_to: the rows of metrics.jsonl also to TensorBoard (<run>/tensorboard) and / or
+    Weights & Biases (project $WANDB_PROJECT or diffusion-opd; WANDB_MODE=offline writes under
+    <run>/wandb), each imported only when asked for; rank 0 only."""
+
+    def __init__(self, kinds, run_dir, config):
+        self.tb = self.wandb = None
+        if "tensorboard" in kinds:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise UserError(f"--log_to tensorboard needs the tensorboard package "
+                                f"(pip install tensorboard): {e}") from None
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        if "wandb" in kinds:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--log_to wandb needs the wandb package (pip install wandb)"
+                                ) from None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "diffusion-opd"),
+                                    name=os.path.basename(run_dir), dir=run_dir, config=config,
+                                    reinit=True)
+
+    def log(self, row):
+        values, step = flatten(row), row.get("step", 0)
+        values.pop("step", None)
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
 def bar(it, rank, desc):
     from tqdm import tqdm
     return tqdm(it, desc=desc, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)

@@ -47,13 +47,15 @@ def one_of(*xs):
     return Rule("choice", dict(choices=xs), "one of " + ", ".join(xs), lambda v: v in xs)
 
 
-def names(xs):
-    """A comma-separated list of some of xs, each at most once."""
+def names(xs, empty_ok=False):
+    """A comma-separated list of some of xs, each at most once ('' too when empty_ok)."""
     def ok(v):
         items = v.split(",")
-        return bool(v) and all(i in xs for i in items) and len(set(items)) == len(items)
-    return Rule("names", dict(choices=xs), "distinct comma-separated names among " + ", ".join(xs),
-                ok)
+        return (not v and empty_ok) or (bool(v) and all(i in xs for i in items)
+                                        and len(set(items)) == len(items))
+    return Rule("names", dict(choices=xs, empty_ok=empty_ok),
+                ("nothing, or " if empty_ok else "") + "distinct comma-separated names among "
+                + ", ".join(xs), ok)
 
 
 def pairs(keys, value):
@@ -98,6 +100,16 @@ def folder():
     """A folder (made when missing), not a file."""
     return Rule("folder", {}, "a folder (made when missing), not a file",
                 lambda v: bool(v) and not (os.path.exists(v) and not os.path.isdir(v)))
+
+
+def task_files(keys):
+    """'', a readable file (every task's), or TASK=FILE pairs with TASK among keys."""
+    each = pairs(keys, Rule("file", {}, "a readable file", lambda v: os.path.isfile(v)))
+
+    def ok(v):
+        return (not v or os.path.isfile(v)) if "=" not in v else each.ok(v)
+    return Rule("files", dict(keys=keys), "a readable file, or TASK=FILE pairs with TASK among "
+                + ", ".join(keys), ok)
 
 
 FLAG = Rule("flag", {}, "a flag", lambda v: type(v) is bool)

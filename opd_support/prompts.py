@@ -25,7 +25,8 @@ import torch
 from opd_support.machinery import rng
 from opd_support.options import UserError
 
-TOY_TASKS = ("color", "position", "jpeg")
+TOY_TASKS = ("color", "position", "jpeg",  # the control: three tasks that pull the same way
+             "vivid", "faded", "exact")    # two that oppose, one sparse (tiny.py)
 REAL_TASKS = {  # task -> (training reward, evaluation reward)
     "geneval": ("geneval_partial", "geneval"), "ocr": ("ocr", "ocr"),
     "aesthetic": ("pickscore:1,clipscore:1,hpsv2:1",) * 2}
@@ -39,30 +40,42 @@ class Task:
     reward: object  # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (B,): training reward
     meta: dict = dataclasses.field(default_factory=dict)  # prompt -> GenEval metadata
     eval_reward: object = None  # the reported metric, when it is not the training reward
+    val: list = dataclasses.field(default_factory=list)  # validation prompts (selection)
+
+
+def task_file(spec, task):
+    """The prompt file of a task from --prompts / --test_prompts: FILE (every task's) or
+    TASK=FILE pairs ('' when the task has none)."""
+    if "=" not in spec:
+        return spec
+    items = (i.partition("=") for i in spec.split(",") if i.strip())
+    return {k.strip(): v.strip() for k, _, v in items}.get(task, "")
 
 
 def make_task(name, cfg, device="cpu"):
-    """A task's prompts (toy: tiny.py; real: --prompts / --test_prompts or the built-in sets; a
-    train prompt that is also a test prompt is dropped) and rewards, loaded now, so that missing
-    weights stop a run before it trains."""
+    """A task's prompts (toy: tiny.py; real: --prompts / --test_prompts or the built-in sets) in
+    train, validation and test splits that share no prompt, and its rewards, loaded now, so that
+    missing weights stop a run before it trains."""
     import rewards
     from opd_support import tiny
+    train_file, test_file = task_file(cfg.prompts, name), task_file(cfg.test_prompts, name)
     if name in TOY_TASKS:
-        (train, test), meta = tiny.toy_prompts(name), {}
-    elif cfg.prompts:
-        train, meta = read(cfg.prompts)
-        train, test = [p for i, p in enumerate(train) if i % 10], train[::10]
+        (train, val, test), meta = tiny.toy_prompts(name, cfg.toy_wording), {}
+    elif train_file:  # every 10th prompt a test prompt, every 10th from the 6th a validation one
+        prompts, meta = read(train_file)
+        train, val, test = [p for i, p in enumerate(prompts) if i % 5], prompts[5::10], \
+            prompts[::10]
     else:
-        train, test, meta = builtin(name)
-    if name not in TOY_TASKS and cfg.test_prompts:
-        test, more = read(cfg.test_prompts)
+        train, val, test, meta = builtin(name)
+    if name not in TOY_TASKS and test_file:
+        test, more = read(test_file)
         meta.update(more)
         held = set(test)
-        train = [p for p in train if p not in held]
+        train, val = [p for p in train if p not in held], [p for p in val if p not in held]
         if not train:
             raise UserError(f"every train prompt of {name} is among the test prompts of "
-                            f"{cfg.test_prompts}")
-    if name == "geneval" and not cfg.reward and any(p not in meta for p in train + test):
+                            f"{test_file}")
+    if name == "geneval" and not cfg.reward and any(p not in meta for p in train + val + test):
         raise UserError("--task geneval needs GenEval metadata: --prompts a jsonl with one "
                         '{"prompt": ..., "tag": ..., "include": [...]} a line')
     specs = ((cfg.reward,) * 2 if cfg.reward
@@ -71,11 +84,11 @@ def make_task(name, cfg, device="cpu"):
         reward = rewards.load(specs[0], device, eager=True)
         eval_reward = reward if specs[1] == specs[0] else rewards.load(specs[1], device, eager=True)
         if "ocr" in re.split(r"[,:=]", specs[0]):
-            for p in train + test:
+            for p in train + val + test:
                 rewards.ocr_target(p)  # every OCR prompt quotes the text to render
     except (ValueError, rewards.RewardError) as e:  # a bad spec, prompt or missing weights
         raise UserError(str(e)) from None
-    return Task(name, train, test, reward, meta, eval_reward)
+    return Task(name, train, test, reward, meta, eval_reward, val)
 
 
 def score(task, images, prompts, evaluation=False):
@@ -84,11 +97,20 @@ def score(task, images, prompts, evaluation=False):
     return fn(images, prompts, [task.meta.get(p, {}) for p in prompts]).float().cpu()
 
 
-def draw_prompts(cfg, task, step, index, n):
-    """n train prompts of the task with this index at an optimizer step: the same on every rank,
-    a function of (seed, step), so that a resumed run draws what an uninterrupted one would."""
-    idx = torch.randint(len(task.train), (n,), generator=rng(cfg.seed, "prompts", index, step=step))
-    return [task.train[i] for i in idx]
+def draw_prompts(cfg, task, draw, index, n):
+    """The n train prompts of draw number `draw` (stage 2: the round; stage 1: the epoch) of the
+    task with this index: positions draw n .. draw n + n - 1 of an endless walk through the
+    train prompts, a fresh random order each pass (epoch), so that no prompt repeats within an
+    epoch. The same on every rank, a function of (seed, draw): a resumed run draws what an
+    uninterrupted one would."""
+    N, out, order = len(task.train), [], {}
+    for pos in range(draw * n, draw * n + n):
+        epoch, k = divmod(pos, N)
+        if epoch not in order:
+            order[epoch] = torch.randperm(N, generator=rng(cfg.seed, "prompts", index,
+                                                           step=epoch))
+        out.append(task.train[order[epoch][k]])
+    return out
 
 
 def read(path):
@@ -239,18 +261,19 @@ def aesthetic(n=3000, seed=0):
 
 
 # ---------------------------------------------------------------------------------- splits
-def is_test(prompt):
-    return zlib.crc32(prompt.encode()) % 10 == 0
+def split_of(prompt):
+    """A built-in prompt's split by a hash of its text: about 1 in 10 test, 1 in 10 val."""
+    return {0: "test", 1: "val"}.get(zlib.crc32(prompt.encode()) % 10, "train")
 
 
 def builtin(task):
-    """(train prompts, test prompts, {prompt: metadata}) of a real task's built-in set."""
+    """(train, validation, test prompts, {prompt: metadata}) of a real task's built-in set."""
     if task == "geneval":
         metas = geneval()
         prompts, meta = [m["prompt"] for m in metas], {m["prompt"]: m for m in metas}
     else:
         prompts, meta = (ocr() if task == "ocr" else aesthetic()), {}
-    return [p for p in prompts if not is_test(p)], [p for p in prompts if is_test(p)], meta
+    return (*([p for p in prompts if split_of(p) == s] for s in ("train", "val", "test")), meta)
 
 
 if __name__ == "__main__":
@@ -261,8 +284,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="write a built-in prompt set (GenEval sets as "
                                              "metadata jsonl)")
     ap.add_argument("task", choices=["geneval", "ocr", "aesthetic"])
-    ap.add_argument("split", choices=["train", "test"])
+    ap.add_argument("split", choices=["train", "val", "test"])
     a = ap.parse_args()
-    train, test, meta = builtin(a.task)
-    for p in (train if a.split == "train" else test):
+    train, val, test, meta = builtin(a.task)
+    for p in {"train": train, "val": val, "test": test}[a.split]:
         print(json.dumps(meta[p]) if meta else p)

@@ -13,28 +13,9 @@ FRACTIONS = (0.5, 0.75, 0.9)  # rounds until the held-out gain first reaches the
 
 
 def held_out_curve(run_dir):
-    """[(round, training seconds, {task: metric})] from a distillation run's metrics.jsonl."""
-    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [(r["step"], r["elapsed"], r["held_out"]) for r in rows if "held_out" in r]
-
-
-def time_to_reach(out, table, tasks, target):
-    """Training seconds until OPD's student (teachers' seconds + distillation's, read from its
-    held-out curve, normalised with the table's min and max) reaches the target's average."""
-    avg = lambda r: normalised_mean({"x": r}, tasks, ref=table)["x"]
-    goal, secs = avg(table[target]), method_seconds(table)
-    teachers = secs["student"] - table["student"]["seconds"]
-    curve = held_out_curve(os.path.join(out, "student"))
-    hit = next(((s, e) for s, e, r in curve if avg(r) >= goal), None)
-    res = {"target": target, "target_avg": goal, "target_seconds": secs[target],
-           "opd_teachers_seconds": teachers, "opd_round": hit and hit[0],
-           "opd_seconds": hit and teachers + hit[1]}
-    res["says"] = (f"OPD (teachers {teachers:.0f} s + distillation) reached {target}'s average "
-                   f"{goal:.3f} after {res['opd_seconds']:.0f} s (round {hit[0]}); {target} "
-                   f"trained {secs[target]:.0f} s" if hit else
-                   f"OPD's held-out curve never reached {target}'s average {goal:.3f} "
-                   f"({target}: {secs[target]:.0f} s)")
-    return res
+    """[(step, training seconds, {task: validation metric})] from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [(r["step"], r["elapsed"], r["val"]) for r in rows if "val" in r]
 
 
 def rounds_to(rounds, gain):
@@ -105,23 +86,36 @@ def compare_seeds(out, seeds, tasks):
     models = [n for n in tables[0] if all(n in t for t in tables)]
     cols = [*tasks, "avg"]
     per = [{n: {**{k: t[n][k] for k in tasks}, "avg": normalised_mean(t, tasks)[n],
-                "seconds": method_seconds(t)[n]} for n in models} for t in tables]
-    summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds"]} for n in models}
+                "seconds": method_seconds(t)[n], "forwards": method_seconds(t, "forwards")[n]}
+            for n in models} for t in tables]
+    summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds", "forwards"]}
+               for n in models}
     diffs = {n: {k: paired([p["student"][k] - p[n][k] for p in per]) for k in cols}
              for n in models if n != "student"}
     lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
-             "| model | " + " | ".join(cols) + " | train time |", "|---" * (len(cols) + 2) + "|"]
+             "| model | " + " | ".join(cols) + " | train time | trained forwards |",
+             "|---" * (len(cols) + 3) + "|"]
     lines += [f"| {n} | " + " | ".join(pm(summary[n][k]) for k in cols) +
-              (f" | {pm(summary[n]['seconds'], 0)} s |" if any(summary[n]["seconds"]["values"])
-               else " | - |") for n in models]
+              (f" | {pm(summary[n]['seconds'], 0)} s | {summary[n]['forwards']['mean']:,.0f} |"
+               if any(summary[n]["seconds"]["values"]) else " | - | - |") for n in models]
     lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
               "and |mean| > sd; ** : the 95% paired t-interval excludes 0):", "",
               "| OPD minus | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(marked(d[k]) for k in cols) + " |"
               for n, d in diffs.items()]
+    conflict = conflict_seeds(out, seeds)
+    if conflict:
+        lines += ["", "Gradient cosines (conflict.py), mean over the steps of each seed, then "
+                  "mean ± sd and 95% t-interval over the seeds:", "",
+                  "| run | statistic | mean ± sd | 95% interval |", "|---|---|---|---|"]
+        lines += [f"| {r} | {k} | {pm(v)} | {v['mean'] - v['ci95']:+.3f} .. "
+                  f"{v['mean'] + v['ci95']:+.3f} |" if v["ci95"] is not None else
+                  f"| {r} | {k} | {pm(v)} | - |" for r, stats in conflict.items()
+                  for k, v in stats.items()]
     md = "\n".join(lines) + "\n"
     write_text(os.path.join(out, "seeds.json"), json.dumps(
-        {"seeds": seeds, "models": summary, "opd_minus": diffs}, indent=1))
+        {"seeds": seeds, "models": summary, "opd_minus": diffs, "conflict": conflict},
+        indent=1))
     write_text(os.path.join(out, "seeds.md"), md)
     print(md, flush=True)
 
@@ -163,3 +157,141 @@ def noise_seeds(out, seeds):
                                                             indent=1))
     write_text(os.path.join(out, "seeds.md"), md)
     print(md, flush=True)
+
+
+# ------------------------------------------------------------------------------ budget, curves
+CONFLICT_RUNS = ("joint-grpo_guard", "joint-nft", "student")  # the runs with --log_conflict
+
+
+def budget(out, table, tasks):
+    """budget.json / budget.md: each model's optimizer steps, trained forwards and training
+    seconds, its own and its whole method's (a student's with its teachers')."""
+    secs, fwd = method_seconds(table), method_seconds(table, "forwards")
+    rows = {n: {"steps": r.get("steps", 0), "forwards": r.get("forwards", 0),
+                "method_forwards": fwd[n], "seconds": r.get("seconds", 0),
+                "method_seconds": secs[n]} for n, r in table.items() if n != "base"}
+    lines = ["| model | optimizer steps | trained forwards | seconds | method's forwards | "
+             "method's seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['steps']} | {r['forwards']:,} | {r['seconds']:.0f} | "
+              f"{r['method_forwards']:,} | {r['method_seconds']:.0f} |" for n, r in rows.items()]
+    write_text(os.path.join(out, "budget.json"), json.dumps(rows, indent=1))
+    write_text(os.path.join(out, "budget.md"), "\n".join(lines) + "\n")
+
+
+def gain_share(metrics, base, teachers, tasks):
+    """The mean over tasks of the share of its teacher's gain over the base."""
+    return sum((metrics[t] - base[t]) / max(teachers[t] - base[t], 1e-9) for t in tasks) / \
+        len(tasks)
+
+
+def anytime_curves(out, table, tasks):
+    """{model: [(trained forwards, seconds, share of the teachers' validation gains)]}, a
+    student's costs starting after its teachers'; and the teachers' (base, final) validation."""
+    runs_ = {n: held_out_curve(os.path.join(out, n)) for n in table
+             if n != "base" and os.path.isfile(os.path.join(out, n, "metrics.jsonl"))}
+    teach = {t: runs_[f"teacher-{t}"] for t in tasks if f"teacher-{t}" in runs_}
+    if len(teach) < len(tasks):
+        return {}, {}, {}
+    base = {t: teach[t][0][2][t] for t in tasks}
+    final = {t: teach[t][-1][2][t] for t in tasks}
+    fwd0 = sum(table[f"teacher-{t}"].get("forwards", 0) for t in tasks)
+    sec0 = sum(table[f"teacher-{t}"].get("seconds", 0) for t in tasks)
+    out_ = {}
+    for n, curve in runs_.items():
+        if n.startswith("teacher-") or not curve or set(tasks) - set(curve[0][2]):
+            continue
+        rows = [json.loads(line) for line in open(os.path.join(out, n, "metrics.jsonl"))]
+        forwards = {r["step"]: r.get("forwards", 0) for r in rows if "val" in r}
+        lead = (fwd0, sec0) if n.startswith("student") else (0, 0)
+        out_[n] = [(lead[0] + forwards.get(s, 0), lead[1] + e, gain_share(v, base, final, tasks))
+                   for s, e, v in curve]
+    return out_, base, final
+
+
+def anytime_figure(out, table, tasks):
+    """anytime.png: every method's validation average (the share of the teachers' gains,
+    mean over tasks) against cumulative trained forwards and against training seconds; OPD's
+    and the students' curves start after their teachers' cost; the dashed line marks the
+    paper's cost ratio, OPD's ~97 GPU-hours against joint RL's ~130."""
+    curves, _, _ = anytime_curves(out, table, tasks)
+    if not curves:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for n, c in curves.items():
+        for ax, i in zip(axes, (0, 1)):
+            ax.plot([p[i] for p in c], [p[2] for p in c], marker=".", label=n,
+                    lw=2 if n == "student" else 1)
+    joint = curves.get("joint-grpo_guard")
+    if joint:
+        axes[0].axvline(joint[-1][0] * 97 / 130, ls="--", c="k", lw=0.8,
+                        label="paper: OPD's cost = 97/130 of joint RL's")
+    axes[0].set_xlabel("trained forwards (a student's after its teachers')")
+    axes[1].set_xlabel("training seconds (a student's after its teachers')")
+    for ax in axes:
+        ax.axhline(1, c="grey", lw=0.5)
+        ax.set_ylabel("validation: share of the teachers' gains")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{out}: tasks {', '.join(tasks)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "anytime.png"), dpi=110)
+    plt.close(fig)
+
+
+def conflict_summary(run_dir):
+    """{statistic: spread over the run's steps with a 95% t-interval} of every cos_* and
+    dloss_* that metrics.jsonl logged (None values, e.g. a zero gradient, left out). The steps
+    are correlated, so the interval is a lower bound on the uncertainty: the seeds' is honest."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    rows = [json.loads(line) for line in open(path)]
+    keys = sorted({k for r in rows for k in r if k.startswith(("cos_", "dloss_"))})
+    return {k: paired([r[k] for r in rows if r.get(k) is not None]) for k in keys
+            if any(r.get(k) is not None for r in rows)}
+
+
+def conflict_seeds(out, seeds):
+    """{run: {statistic: paired() over the seeds' per-seed step means}}."""
+    res = {}
+    for r in CONFLICT_RUNS:
+        per = [conflict_summary(os.path.join(out, f"seed-{s}", r)) for s in seeds]
+        keys = set.intersection(*(set(p) for p in per)) if per else set()
+        if keys:
+            res[r] = {k: paired([p[k]["mean"] for p in per]) for k in sorted(keys)}
+    return res
+
+
+def conflict_figure(out, tasks):
+    """conflict.png and conflict.json: per run with --log_conflict (joint RL, OPD), each task
+    pair's gradient cosine (raw and Adam-preconditioned) and each task's split-half cosine (the
+    noise floor) against the optimizer step, smoothed over 5 steps."""
+    found = {r: os.path.join(out, r) for r in CONFLICT_RUNS
+             if os.path.isfile(os.path.join(out, r, "metrics.jsonl"))}
+    summary = {r: conflict_summary(d) for r, d in found.items()}
+    write_text(os.path.join(out, "conflict.json"), json.dumps(summary, indent=1))
+    found = {r: d for r, d in found.items() if summary[r]}
+    if not found:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(found), figsize=(5.5 * len(found), 3.8), squeeze=False)
+    for ax, (r, d) in zip(axes[0], found.items()):
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        for k in sorted({k for row in rows for k in row if k.startswith("cos_")}):
+            pts = [(row["step"], row[k]) for row in rows if row.get(k) is not None]
+            y = [sum(v for _, v in pts[max(0, i - 4):i + 1]) / len(pts[max(0, i - 4):i + 1])
+                 for i in range(len(pts))]
+            style = ":" if k.startswith("cos_half") else "--" if k.startswith("cos_adam") else "-"
+            ax.plot([s for s, _ in pts], y, style, label=k[4:], lw=1)
+        ax.axhline(0, c="k", lw=0.5)
+        ax.set_title(r, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cosine (5-step mean)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "conflict.png"), dpi=110)
+    plt.close(fig)

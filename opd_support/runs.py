@@ -21,9 +21,10 @@ import time
 import torch
 
 from opd_support import checkpoints as ck
+from opd_support import conflict
 from opd_support.config import parse_pairs, resolve
 from opd_support.loras import LORA_FILE, adapter_state, layout, local_folder, save_lora
-from opd_support.machinery import (EMA, append_jsonl, average_gradients, bar, barrier,
+from opd_support.machinery import (EMA, Trackers, append_jsonl, average_gradients, bar, barrier,
                                    check_in_sync, compile_model, config_text, dist_setup,
                                    guarded_step, rank_world, say, sum_over_ranks)
 from opd_support.options import Stopped, UserError
@@ -158,15 +159,31 @@ class Run:
     rank: int
     world: int
     start: int = 0
-    elapsed: float = 0.0
+    step: int = 0                                      # optimizer steps done
+    elapsed: float = 0.0                               # training seconds (evaluation excluded)
+    forwards: int = 0                                  # trained forwards (trajectories x steps
+                                                       # with a loss x CFG rows), all ranks
     bad_steps: int = 0                                 # non-finite steps in a row
     extra: dict = dataclasses.field(default_factory=dict)  # name -> Adapter (a baseline's)
     aux: list = dataclasses.field(default_factory=list)    # weights restored exactly (NFT's old)
+    val: list = dataclasses.field(default_factory=list)    # (step, validation mean over tasks)
+    conflict: object = conflict.OFF                    # the gradient-conflict meter
+    conflict_row: dict = dataclasses.field(default_factory=dict)  # its last step's statistics
+    trackers: object = None                            # --log_to: TensorBoard, W&B (rank 0)
 
     def log(self, **row):
-        """A row of metrics.jsonl (rank 0)."""
+        """A row of metrics.jsonl (rank 0), and of --log_to's trackers; a training row gets
+        the learning rate."""
         if self.rank == 0:
+            if "grad_norm" in row:
+                row["lr"] = self.opt.param_groups[0]["lr"]
             append_jsonl(os.path.join(self.dir, "metrics.jsonl"), row)
+            if self.trackers:
+                self.trackers.log(row)
+
+    def count(self, cfg, trajectories, steps):
+        """Count the trained forwards of trajectories x steps (x 2 rows with CFG)."""
+        self.forwards += trajectories * steps * (2 if cfg.guidance != 1 else 1)
 
 
 def prepare(run_dir, cfg, rank, what):
@@ -219,24 +236,43 @@ def start_run(cfg, model, name, adapter, aux=(), extra=None):
     run = Run(run_dir, adapter, own.params, own.opt, EMA(own.params, cfg.ema, cfg.ema_every),
               rank, world, extra=made, aux=aux_params)
     model.trainable, model.active = run.params, "?"  # the next model.use sets requires_grad
+    if cfg.log_conflict:
+        run.conflict = conflict.Meter(run.params, world)
+    if cfg.log_to and rank == 0:
+        run.trackers = Trackers(cfg.log_to.split(","), run_dir, dataclasses.asdict(cfg))
     if mode == "resume":
         folder, state = ck.check_resume(run_dir, cfg, say=lambda s: say(rank, s))
-        run.start, run.elapsed = ck.restore(folder, state, model.tr, names,
-                                            [own.opt, *(a.opt for a in made.values())],
-                                            [run.ema], aux_params)
+        counters = ck.restore(folder, state, model.tr, names,
+                              [own.opt, *(a.opt for a in made.values())], [run.ema], aux_params)
+        run.start = run.step = state["step"]
+        run.elapsed, run.forwards = counters["elapsed"], counters["forwards"]
+        run.val = resumed_metrics(run)
         say(rank, f"resumed {run_dir} at step {run.start}")
     watch_stop_signals()
     return run
 
 
+def resumed_metrics(run):
+    """On resume: metrics.jsonl keeps the rows up to the checkpoint (those a killed run wrote
+    after it go), and the validation curve so far is read back from it (for --plateau)."""
+    path = os.path.join(run.dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    keep = [r for r in rows if r["step"] < run.start or r["step"] == run.start and "val" not in r]
+    if run.rank == 0:
+        ck.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return [(r["step"], sum(r["val"].values()) / len(r["val"])) for r in keep if "val" in r]
+
+
 def optimizer_step(cfg, run, adapter=None):
     """Average the gradients of the run's adapter (or of one of its extra adapters) over the
     ranks, clip, step; a non-finite step is skipped, too many in a row abort. Returns the
-    gradient norm before clipping."""
+    gradient norm before clipping; with --log_conflict, run.conflict_row the step's cosines."""
     if adapter is None:
+        run.conflict.before_step()
         average_gradients(run.params, run.world)
         norm, run.bad_steps = guarded_step(run.opt, run.params, cfg.grad_clip, cfg.max_bad_steps,
                                            run.bad_steps, run.rank)
+        run.conflict_row = run.conflict.row(run.opt)
         return norm
     a = run.extra[adapter]
     average_gradients(a.params, run.world)
@@ -274,13 +310,15 @@ def checkpoint(cfg, model, run, first, end):
     """After optimizer steps first..end - 1: a checkpoint at step `end` when a multiple of
     --save_every lies in (first, end] or the stage ends, and whenever a stop signal reached any
     rank: then every rank stops here (Stopped)."""
+    run.step = end
     stop = torch.tensor(float(bool(STOP["signal"])), device=run.params[0].device)
     stop = bool(sum_over_ranks(stop, run.world, "max").item())
     due = end // cfg.save_every > first // cfg.save_every or end == cfg.optim_steps
     if run.rank == 0 and (due or stop):
         names = [run.adapter, *run.extra]
         state = ck.checkpoint_state(cfg, end, [run.opt, *(a.opt for a in run.extra.values())],
-                                    [run.ema], run.aux, run.elapsed)
+                                    [run.ema], run.aux,
+                                    {"elapsed": run.elapsed, "forwards": run.forwards})
         ck.save_checkpoint(run.dir, end, [adapter_state(model.tr, n) for n in names], state)
     if stop:
         barrier(run.world)
@@ -290,8 +328,9 @@ def checkpoint(cfg, model, run, first, end):
 
 def finish_run(cfg, model, run, trajectories):
     """The stage's final LoRA (its EMA; the file's existence marks the stage done), config.json
-    and run.json (training seconds, sampled trajectories), after checking that every rank holds
-    the same weights (the extra adapters too); the adapters are dropped."""
+    and run.json (optimizer steps, training seconds, sampled trajectories, trained forwards),
+    after checking that every rank holds the same weights (the extra adapters too); the
+    adapters are dropped."""
     for name, a in run.extra.items():
         check_in_sync(a.params, run.world, run.rank, f"{os.path.basename(run.dir)} {name}")
     check_in_sync(run.params, run.world, run.rank, os.path.basename(run.dir))
@@ -300,12 +339,21 @@ def finish_run(cfg, model, run, trajectories):
         ck.write_text(os.path.join(run.dir, "config.json"),
                       json.dumps(dataclasses.asdict(cfg), indent=1))
         ck.write_text(os.path.join(run.dir, "run.json"),
-                      json.dumps({"seconds": round(run.elapsed, 2), "trajectories": trajectories}))
+                      json.dumps({"steps": run.step, "seconds": round(run.elapsed, 2),
+                                  "trajectories": trajectories, "forwards": run.forwards}))
         save_lora(run.dir, model.tr, run.adapter)
+        if run.trackers:
+            run.trackers.close()
     barrier(run.world)
     drop_adapters(model)
     say(run.rank, f"{os.path.basename(run.dir)}: saved {run.dir}/{LORA_FILE}")
     return run.dir
+
+
+def single_process():
+    """What the updates need of a run outside one (a test, the bench): rank 0 of 1, no meter."""
+    import types
+    return types.SimpleNamespace(rank=0, world=1, conflict=conflict.OFF)
 
 
 # ------------------------------------------------------------------------------ prompts ahead
@@ -339,5 +387,5 @@ def embed_epoch_prompts(cfg, model, schedule, first):
 
     def at(s):
         return [p for i, t in enumerate(schedule[s // K])
-                for p in draw_prompts(cfg, t, s, i, K * cfg.batch_size // cfg.group_size)]
+                for p in draw_prompts(cfg, t, s // K, i, K * cfg.batch_size // cfg.group_size)]
     embed_ahead(cfg, model, range(first, cfg.optim_steps, K), at)

@@ -2,8 +2,9 @@
 The offline stand-in models of opd.py: nothing is downloaded, the classes are SD3.5-Medium's.
 
   tiny          an SD3 pipeline built from configs (~0.1M-parameter transformer, 32 px images),
-                pretrained once for ~60 s on synthetic captioned images and cached, with three
-                toy tasks (color, position, jpeg) whose rewards need no model.
+                pretrained once for ~2 min on synthetic captioned images and cached, with toy
+                tasks whose rewards need no model: color, position, jpeg (three tasks that
+                pull the same way) and vivid, faded, exact (two that oppose and a sparse one).
   sd35m-random  SD3.5-Medium's transformer (its published config, ~2.5B parameters) with random
                 weights and tiny text encoders of the real widths: speed and memory of the real
                 transformer with nothing downloaded.
@@ -16,20 +17,27 @@ import time
 import torch
 
 TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
+FADED = {"word": "a faded {c} {s}",  # --toy_wording: one word apart from vivid's prompts,
+         "template": "a pale washed out picture of a {c} {s}"}  # or another template
 
 
-def toy_prompts(name):
-    """The toy tasks' prompts, generated; a fixed split: every 4th prompt is held out."""
-    from rewards import COLORS, SUBJECTS
-    if name == "color":
+def toy_prompts(name, wording="word"):
+    """The toy tasks' prompts, generated, and a fixed split: (train, validation, test), every
+    4th prompt a test prompt and every 8th from the third a validation prompt."""
+    from rewards import CHROMATIC, COLORS, SUBJECTS
+    if name in ("color", "exact"):
         ps = [f"a {c} {s}" for c in COLORS for s in SUBJECTS]
     elif name == "position":  # left/right only: with top/bottom too, a teacher traded one for
                               # the other
         ps = [f"a {w} {s} on the {side}" for side in ("left", "right") for s in SUBJECTS
               for w in ("bright", "red", "green", "blue")]
+    elif name == "vivid":
+        ps = [f"a vivid {c} {s}" for c in CHROMATIC for s in SUBJECTS]
+    elif name == "faded":
+        ps = [FADED[wording].format(c=c, s=s) for c in CHROMATIC for s in SUBJECTS]
     else:
         ps = [f"a {adj} picture of a {s}" for adj in TOY_ADJECTIVES for s in SUBJECTS]
-    return [p for i, p in enumerate(ps) if i % 4], ps[::4]
+    return ([p for i, p in enumerate(ps) if i % 4 and i % 8 != 2], ps[2::8], ps[::4])
 
 
 def toy_tokenizer():
@@ -47,7 +55,7 @@ def toy_tokenizer():
             vocab[c + suffix] = len(vocab)
     merges = []
     words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture",
-             "of"]
+             "of", "vivid", "faded", "pale", "washed", "out"]
     for w in sorted(words, key=len, reverse=True):  # longer first: 'bright' must not end in 'right'
         pieces = list(w[:-1]) + [w[-1] + "</w>"]
         cur = pieces[0]
@@ -56,7 +64,13 @@ def toy_tokenizer():
                 merges.append((cur, nxt))
             cur += nxt
             vocab.setdefault(cur, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    for w in words:  # a word whose pieces repeat ('vivid': vi vi d) needs merges of its own
+        while len(pieces := tok.tokenize(w)) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return tok
 
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json
@@ -110,8 +124,9 @@ def build_offline(kind, seed=0):
 
 def toy_images(n, g):
     """n captioned 32x32 images for pretraining the tiny model: a flat background that is half
-    the colour the caption names, the side it names brighter, a little pixel noise. The toy
-    tasks ask for more than this data shows (the pure colour, a strong contrast, no noise)."""
+    the colour the caption names (vivid: 80%, its rest a random colour; faded: 25%, its rest a
+    grey), the side it names brighter, a little pixel noise. The toy tasks ask for more than
+    this data shows (the pure colour, a strong contrast, no noise, no colour at all)."""
     from rewards import COLORS, SIDES, SUBJECTS
     u = lambda: torch.rand((), generator=g).item()
     pick = lambda xs: xs[int(u() * len(xs))]
@@ -120,18 +135,21 @@ def toy_images(n, g):
     ims, caps = [], []
     for _ in range(n):
         c, s, side, adj = pick(list(COLORS)), pick(SUBJECTS), pick(SIDES), pick(TOY_ADJECTIVES)
-        form = pick(["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}",
-                     "{c} {s} on the {side}", ""])
+        form = pick(["vivid {c} {s}", FADED["word"][2:], FADED["template"][2:]]) \
+            if u() < 0.3 else pick(["{c} {s}", "bright {s} on the {side}",
+                                    "{adj} picture of a {s}", "{c} {s} on the {side}", ""])
         caps.append(("a " + form.format(c=c, s=s, side=side, adj=adj)) if form else "")
         col = torch.tensor(COLORS[c] if "{c}" in form else [u(), u(), u()], dtype=torch.float32)
-        im = 0.5 * (0.2 + 0.6 * torch.rand(3, 1, 1, generator=g)) + 0.5 * col.view(3, 1, 1)
+        share = 0.8 if "vivid" in form else 0.25 if "faded" in form or "pale" in form else 0.5
+        rest = 0.2 + 0.6 * torch.rand(3 if share > 0.25 else 1, 1, 1, generator=g)
+        im = (1 - share) * rest.expand(3, 1, 1) + share * col.view(3, 1, 1)
         im = im + (0.4 if "{side}" in form else 0.1 * u()) * ramp[side]
         ims.append((im + 0.05 * torch.randn(3, 32, 32, generator=g)).clamp(0, 1))
     return torch.stack(ims), caps
 
 
-def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
-    """About 60 s on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
+def pretrain_tiny(pipe, vae_steps=150, steps=600, seed=0):
+    """About 2 min on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
     shift from data, then the transformer and both CLIP text encoders together by flow matching
     (v = eps - x0, logit-normal t, 10% empty captions for CFG). Without this, a random tiny SD3
     barely reacts to its prompt (1% of the velocity between 'left' and 'right') and its VAE
@@ -184,7 +202,7 @@ def pretrain_tiny(pipe, vae_steps=150, steps=500, seed=0):
     return loss.item()
 
 
-TINY_RECIPE = "tiny-v4"  # bump when build_offline("tiny") or pretrain_tiny change
+TINY_RECIPE = "tiny-v5"  # bump when build_offline("tiny") or pretrain_tiny change
 
 
 def tiny_pipeline(rank=0, world=1):
@@ -199,7 +217,7 @@ def tiny_pipeline(rank=0, world=1):
     parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder,
              "te2": pipe.text_encoder_2}
     if rank == 0 and not os.path.isfile(path):
-        print(f"pretraining the tiny model once (~60 s), cached at {path}", flush=True)
+        print(f"pretraining the tiny model once (~2 min), cached at {path}", flush=True)
         t0 = time.time()
         with torch.random.fork_rng():
             loss = pretrain_tiny(pipe)

@@ -13,7 +13,7 @@ import opd
 from conftest import ok, randomise, run
 from opd_support import config, machinery, prompts, runs, sd3, tiny
 
-ONE = types.SimpleNamespace(rank=0, world=1)  # one process, for functions that take a run
+ONE = runs.single_process()  # one process, for functions that take a run
 
 
 def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):

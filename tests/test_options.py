@@ -46,7 +46,10 @@ def outside(name, rule):
     if rule.kind == "choice":
         return ["bogus", ""]
     if rule.kind == "names":
-        return ["", ",", "bogus", f"{d['choices'][0]},{d['choices'][0]}"]
+        return ([] if d["empty_ok"] else [""]) + [",", "bogus",
+                                                  f"{d['choices'][0]},{d['choices'][0]}"]
+    if rule.kind == "files":
+        return ["/nonexistent", f"{d['keys'][0]}=/nonexistent", "bogus=" + __file__]
     if rule.kind == "pairs":
         key = (d["keys"] or ["a"])[0]
         return ["x", "=1", f"{key}="] + (["bogus=1"] if d["keys"] else []) + \
