@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import HERE, SMALL, lora, max_diff, ok, run, torchrun
+from conftest import HERE, SMALL, lora, max_diff, ok, one_line_error, run, torchrun, tree
 from opd_support import machinery
 from opd_support.loras import LORA_FILE
 
@@ -133,3 +133,179 @@ def test_resume_with_nothing_saved_says_so(tmp_path):
     r = ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--resume", "--out",
                str(tmp_path / "o")))
     assert "--resume, but" in r.stdout and "holds no checkpoint: starting at step 0" in r.stdout
+
+
+def _start(args, out, script="opd.py"):
+    return subprocess.Popen([sys.executable, script, *args, "--out", out], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, p, pred=lambda text: True, timeout=300):
+    """Wait until the file exists (and its text satisfies pred) while p runs."""
+    import time
+    t0 = time.time()
+    while time.time() - t0 < timeout and p.poll() is None:
+        if os.path.isfile(path) and pred(open(path).read()):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill", "dmd"])
+def test_sigterm_writes_a_checkpoint_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
+    """kill -TERM after the first optimizer step (a teacher: mid-epoch, its epoch has two):
+    the step in flight finishes, a checkpoint is written, one line, exit code 75, well inside
+    30 s; --resume then gives the uninterrupted run's LoRA. A DMD student has a helper adapter
+    (the fake score) restored with its optimizer."""
+    import signal
+    import time
+    args = ["--stage", "teacher" if stage == "teacher" else "distill", "--optim_steps", "6",
+            *SMALL, "--save_every", "100"]
+    if stage != "teacher":
+        args += ["--teachers", f"color={teacher_dir}"]
+    if stage == "dmd":
+        args += ["--loss", "dmd"]
+    script = "baselines.py" if stage == "dmd" else "opd.py"
+    sub = {"teacher": "teacher-color", "distill": "student", "dmd": "student-dmd"}[stage]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ok(run(*args, "--out", a, script=script))
+    p = _start(args, b, script)
+    assert _wait_for(os.path.join(b, sub, "metrics.jsonl"), p, lambda t: '"grad_norm"' in t)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    seconds = time.time() - t0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert p.returncode == 75 and seconds < 30, (p.returncode, err[-2000:])
+    assert lines[-1].startswith("stopped at step ") and "--resume continues" in lines[-1]
+    step = int(lines[-1].split()[3].rstrip(","))
+    assert step < 6 and (stage != "teacher" or step % 2 == 0)  # a teacher stops at its epoch's end
+    assert os.path.isdir(os.path.join(b, sub, f"ckpt-{step:07d}"))
+    assert not os.path.exists(os.path.join(b, sub, LORA_FILE))
+    r = ok(run(*args, "--out", b, "--resume", script=script))
+    assert f"resumed {os.path.join(b, sub)} at step {step}" in r.stdout
+    assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(b, sub))) <= 1e-6
+
+
+def test_corrupt_latest_checkpoint_resumes_from_the_one_before(tmp_path):
+    args = ["--stage", "teacher", "--optim_steps", "6", *SMALL]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ok(run(*args, "--out", a))
+    ok(run(*args, "--out", b))
+    run_dir = os.path.join(b, "teacher-color")
+    os.remove(os.path.join(run_dir, LORA_FILE))  # an unfinished run, checkpoints 4 and 6 kept
+    state = os.path.join(run_dir, "ckpt-0000006", "state.pt")
+    open(state, "r+b").truncate(os.path.getsize(state) // 2)  # a copy cut off by a failure
+    r = ok(run(*args, "--out", b, "--resume"))
+    warn = [line for line in r.stdout.splitlines() if "corrupt" in line]
+    assert len(warn) == 1 and "ckpt-0000006" in warn[0] and "ckpt-0000004" in warn[0]
+    assert "state.pt has" in warn[0] and "at step 4" in r.stdout
+    assert max_diff(lora(os.path.join(a, "teacher-color")), lora(run_dir)) <= 1e-6
+    os.remove(os.path.join(run_dir, LORA_FILE))
+    for ck in os.listdir(run_dir):
+        if ck.startswith("ckpt-"):
+            with open(os.path.join(run_dir, ck, "adapter.safetensors"), "r+b") as f:
+                f.write(b"garbage!")  # same size, another sha256
+    r = run(*args, "--out", b, "--resume")
+    one_line = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(one_line) == 1 and "is intact" in one_line[0], r.stderr
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch):
+    """A write error while saving a checkpoint (simulated: torch.save raises ENOSPC): one
+    UserError naming the folder and the space needed, no temporary folder, the earlier
+    checkpoint intact and still verified."""
+    import errno
+    from opd_support import checkpoints as ck
+    run_dir = str(tmp_path)
+    w = {"w": torch.ones(1000)}
+    ck.save_checkpoint(run_dir, 1, [w], {"step": 1, "x": torch.zeros(10)})
+    before = tree(run_dir)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(machinery.UserError, match=rf"cannot write to {run_dir}: No space left on "
+                                                  r"device \(about 0 MB needed"):
+        ck.save_checkpoint(run_dir, 2, [w], {"step": 2, "x": torch.zeros(10)})
+    assert tree(run_dir) == before and ck.verify(os.path.join(run_dir, "ckpt-0000001")) is None
+
+
+def test_a_full_tmpfs_is_one_line(tmp_path):
+    """The same through the command line on a 64 kB tmpfs (where this machine may mount one):
+    the first checkpoint does not fit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    try:
+        r = run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", str(disk / "o"))
+        one_line_error(r, f"cannot write to {disk / 'o' / 'teacher-color'}: No space left")
+        assert not [d for d in os.listdir(disk / "o" / "teacher-color") if d.startswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_one_run_per_folder(tmp_path):
+    """A second run on a folder in use stops with one line naming the holder's pid and host;
+    the lock of a killed run (its pid gone) is taken over with one line."""
+    import signal
+    import socket
+    out = str(tmp_path / "o")
+    p = _start(["--stage", "teacher", "--optim_steps", "40", *SMALL], out)
+    assert _wait_for(os.path.join(out, "run.lock"), p, lambda t: t.endswith("}"))
+    r = run("--stage", "eval", "--tasks", "color", "--out", out)
+    one_line_error(r, f"is in use by another run (pid {p.pid} on host {socket.gethostname()}")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = ok(run("--stage", "eval", "--tasks", "color", "--eval_sampler_steps", "2",
+               "--eval_prompts", "1", "--eval_seeds", "1", "--out", out))
+    assert f"left by a run that is gone (pid {p.pid}" in r.stdout
+    assert not os.path.exists(os.path.join(out, "run.lock"))  # released at the end
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA accepts --device cuda")
+def test_bench_gpu_check_without_cuda_is_one_line(tmp_path):
+    r = run("--gpu_check", "--device", "cuda", "--out", str(tmp_path), script="bench.py")
+    one_line_error(r, "--device cuda: no CUDA device is available")
+
+
+def test_tensorboard_wandb_and_the_curves_command(tmp_path):
+    """--log_to tensorboard writes the rows of metrics.jsonl as event files (read back with
+    tensorboard's own reader); --log_to wandb hands the same rows to wandb.log (a stand-in
+    package records them); `python -m opd_support.curves` draws the run."""
+    fake = tmp_path / "fake" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import json, os\n"
+        "class Run:\n"
+        "    def __init__(self, **kw):\n"
+        "        self.path = os.path.join(kw['dir'], 'wandb-rows.jsonl')\n"
+        "    def log(self, row, step=None):\n"
+        "        open(self.path, 'a').write(json.dumps({'step': step, **row}) + '\\n')\n"
+        "    def finish(self):\n"
+        "        pass\n"
+        "def init(**kw):\n"
+        "    return Run(**kw)\n")
+    out = str(tmp_path / "o")
+    ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--eval_every", "2",
+           "--eval_sampler_steps", "2", "--eval_prompts", "1", "--eval_seeds", "1",
+           "--log_to", "tensorboard,wandb", "--out", out,
+           env={"PYTHONPATH": str(tmp_path / "fake"), "WANDB_MODE": "offline"}))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = os.path.join(out, "teacher-color")
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    want = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    want |= {f"val/{t}" for r in rows if "val" in r for t in r["val"]}
+    assert {"reward_color", "grad_norm", "clipfrac", "lr", "elapsed", "val/color"} <= want == tags
+    assert [e.step for e in acc.Scalars("grad_norm")] == [1, 2]
+    logged = [json.loads(line) for line in open(os.path.join(run_dir, "wandb-rows.jsonl"))]
+    assert [r["step"] for r in logged] == [r["step"] for r in rows]
+    assert logged[1]["grad_norm"] == rows[1]["grad_norm"]
+    r = ok(subprocess.run([sys.executable, "-m", "opd_support.curves", out], cwd=HERE,
+                          capture_output=True, text=True, timeout=120))
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000 and "teacher-color" in r.stdout
