@@ -361,8 +361,8 @@ def count(cfg, rank=0):
     quiet_hf()
     if cfg.model == "sd35m-random":
         tcfg, vae_cfg = tiny.SD35M_TRANSFORMER, SD3_VAE
-    elif cfg.model == "tiny":
-        pipe = tiny.build_offline("tiny")
+    elif cfg.model in tiny.TOY_MODELS:
+        pipe = tiny.build_offline(cfg.model)
         tcfg, vae_cfg = dict(pipe.transformer.config), dict(pipe.vae.config)
     else:
         with open(os.path.join(cfg.model, "transformer", "config.json")) as f:

@@ -33,9 +33,12 @@ Simplifications (and why)
 3. Stage 1 is GRPO-Guard or DiffusionNFT (--algo nft, the paper's GenEval teacher), an epoch of
    --updates_per_epoch optimizer steps as their public configs; NFT samples with the Euler ODE
    where its public code uses a second-order solver.
-4. The default model is an SD3 built from configs and pretrained ~60 s on synthetic images, with
-   toy rewards: it shows that the machinery works, not what SD3.5 reaches. Its student adapts
-   the AdaLN and text projections too (one small adapter holds three tasks).
+4. The default model is an SD3 built from configs and pretrained ~2 min on synthetic images,
+   with toy rewards: it shows that the machinery works, not what SD3.5 reaches. Its adapters
+   (teachers and students alike) adapt the AdaLN and text projections too.
+5. One optimizer step a round on the mean of the tasks' gradients, as the public code's gradient
+   accumulation; its task-by-task micro-batches give the same gradient as the public code's
+   mixed ones (docs/design.md has the other details and where they differ).
 """
 import dataclasses
 import math

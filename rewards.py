@@ -81,7 +81,7 @@ def position(images, prompts, metadata=None):
 
 
 CHROMATIC = ["red", "green", "blue", "yellow", "cyan", "magenta"]  # the colours with a hue
-EXACT_TOL = 0.3  # exact: the mean colour within this RGB distance of the named colour
+EXACT_TOL = 0.15  # exact: the mean colour within this RGB distance of the named colour
 
 
 def saturation(images):

@@ -338,6 +338,60 @@ def test_fused_equals_two_pass_gradient_and_checkpointing_changes_nothing(tiny_s
     assert torch.allclose(ckpt, grads[0], rtol=1e-5, atol=1e-8)
 
 
+def test_a_round_is_the_mean_of_the_tasks_gradients(tiny_sd3, monkeypatch, tmp_path):
+    """One round of opd.distill (Algorithm 1) with two tasks, each supervised by its own teacher:
+    the gradient it hands to the optimizer equals the mean over the tasks of each task's
+    gradient computed apart (its prompts, its noise, its teacher), in one micro-batch per task
+    or in two (the official code's mean over tasks and steps; micro-batches change nothing)."""
+    m, cfg = tiny_sd3
+    dirs = {}
+    for i, t in enumerate(("color", "position")):
+        sd3.add_lora(m.tr, "t", cfg)
+        randomise(m.tr, "t", 10 + i)
+        dirs[t] = str(tmp_path / t)
+        os.makedirs(dirs[t])
+        loras.save_lora(dirs[t], m.tr, "t")
+        sd3.drop_adapters(m)
+    seen = []
+
+    def capture(c, run):  # the round's gradient, instead of the step
+        seen.append(torch.cat([p.grad.flatten() for p in run.params]))
+        run.opt.zero_grad(set_to_none=True)
+        return 0.0
+    monkeypatch.setattr(runs, "optimizer_step", capture)
+    for micro in ("0", "1"):
+        c = config.resolve(config.parse_config(
+            ["--stage", "distill", "--optim_steps", "1", "--batch_size", "2", "--sampler_steps",
+             "3", "--micro_batch", micro, "--teachers", ",".join(f"{t}={d}" for t, d in
+                                                                  dirs.items()),
+             "--out", str(tmp_path / f"o{micro}")]), "distill")
+        tasks = [prompts.make_task(t, c) for t in dirs]
+        opd.distill(c, m, tasks, dirs)
+    student = sd3.add_lora(m.tr, "student", c)  # the same start (seeded A, B = 0)
+    m.trainable = student
+    for t, d in dirs.items():
+        loras.load_lora(m.tr, d, f"teacher-{t}")
+    try:
+        each = []
+        for i, task in enumerate(tasks):
+            ps = prompts.draw_prompts(c, task, 0, i, 2)
+            g = opd.rng(c.seed, "rollout", i, 0, step=0)
+            opd.distill_trajectory_fused(
+                m.velocity("student", ps, c.guidance),
+                m.velocity(f"teacher-{task.name}", ps, c.guidance), m.noise(2, g),
+                opd.sampler_of(c), g)
+            each.append(torch.cat([p.grad.flatten() for p in student]))
+            for p in student:
+                p.grad = None
+    finally:
+        sd3.drop_adapters(m)
+    want = (each[0] + each[1]) / 2
+    assert each[0].abs().sum() > 0 and each[1].abs().sum() > 0
+    assert (each[0] - each[1]).abs().max() > 1e-3 * each[0].abs().max()  # two teachers differ
+    assert torch.allclose(seen[0], want, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(seen[1], want, rtol=1e-4, atol=1e-8)
+
+
 def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_sd3):
     """An RL epoch of K = 2 updates: on the first, both ratio forms are exactly 1 and give the
     same loss; after one optimizer step the second half's ratios depart from 1 (logged as

@@ -50,7 +50,8 @@ class Config:
     tasks: str = arg("color,position,jpeg", names(TASKS), "the tasks of distill and eval")
     teachers: str = arg("", pairs(TASKS, text()), "distill: task=DIR,... (<out>/teacher-<task>)")
     lora: str = arg("", pairs(None, text()), "eval: more NAME=DIR LoRAs to evaluate")
-    model: str = arg("tiny", text(), "tiny | sd35m-random | a hub id or folder of an SD3 pipeline")
+    model: str = arg("tiny", text(),
+                     "tiny | tiny-conflict | sd35m-random | a hub id or folder of an SD3 pipeline")
     out: str = arg("runs/tiny", folder(), "output folder")
     prompts: str = arg("", task_files(TASKS),
                        "real tasks: train prompts, txt or GenEval jsonl (default: built in)")
@@ -155,6 +156,9 @@ class Config:
              f"--teacher_guidance names a task not among {','.join(tasks)}"),
             (stage == "eval" and self.export_geneval and "geneval" not in tasks,
              "--export_geneval needs the geneval task in --tasks"),
+            (bool({"vivid", "faded"} & set(tasks)) and self.model != "tiny-conflict",
+             "the tasks vivid and faded need --model tiny-conflict (its pretraining knows "
+             "their words)"),
             (self.plateau and not self.eval_every,
              "--plateau stops on the validation metrics: set --eval_every"),
         ]
@@ -197,7 +201,7 @@ STAGE_DEFAULTS = {
 
 
 def model_kind(model):
-    return "tiny" if model == "tiny" else "real"
+    return "tiny" if model in ("tiny", "tiny-conflict") else "real"
 
 
 def parse_pairs(s):

@@ -32,8 +32,8 @@ def load_pipeline(cfg, device, rank=0, world=1):
     memory and visit the GPU to encode, see SD3.encode). --no_t5 loads no T5."""
     from opd_support import tiny
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if cfg.model in ("tiny", "sd35m-random"):
-        pipe = tiny.tiny_pipeline(rank, world) if cfg.model == "tiny" else \
+    if cfg.model in (*tiny.TOY_MODELS, "sd35m-random"):
+        pipe = tiny.tiny_pipeline(cfg.model, rank, world) if cfg.model in tiny.TOY_MODELS else \
             tiny.build_offline(cfg.model)
     else:
         quiet_hf()

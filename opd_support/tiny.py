@@ -2,9 +2,14 @@
 The offline stand-in models of opd.py: nothing is downloaded, the classes are SD3.5-Medium's.
 
   tiny          an SD3 pipeline built from configs (~0.1M-parameter transformer, 32 px images),
-                pretrained once for ~2 min on synthetic captioned images and cached, with toy
+                pretrained once for ~2 min on synthetic captioned images and cached, for toy
                 tasks whose rewards need no model: color, position, jpeg (three tasks that
-                pull the same way) and vivid, faded, exact (two that oppose and a sparse one).
+                pull the same way: the control)
+  tiny-conflict the same, pretrained on captions that also say vivid and faded, for the tasks
+                vivid, faded (two that oppose) and exact (a sparse one). A second model, not
+                the first one's recipe extended: the tiny model's grasp of left and right is
+                fragile (several extended recipes left the base's position reward near 0,
+                where the first one's is 0.54), and its tables stay comparable.
   sd35m-random  SD3.5-Medium's transformer (its published config, ~2.5B parameters) with random
                 weights and tiny text encoders of the real widths: speed and memory of the real
                 transformer with nothing downloaded.
@@ -17,6 +22,16 @@ import time
 import torch
 
 TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
+TOY_MODELS = ("tiny", "tiny-conflict")
+RECIPES = {"tiny": "tiny-v4", "tiny-conflict": "tiny-conflict-v1"}  # bump when build_offline,
+# toy_images or pretrain_tiny change what a model is; the name of its cached weights
+FORMS = {  # the caption forms of each model's pretraining images, drawn uniformly
+    "tiny": ["{c} {s}", "bright {s} on the {side}", "{adj} picture of a {s}",
+             "{c} {s} on the {side}", ""],
+    "tiny-conflict": ["{c} {s}", "vivid {c} {s}", "faded {c} {s}",
+                      "pale washed out picture of a {c} {s}", ""]}
+WORDS = ["a", "bright", "on", "the", "picture", "of"]  # besides colours, sides, subjects, ...
+CONFLICT_WORDS = ["vivid", "faded", "pale", "washed", "out"]  # tiny-conflict's too
 FADED = {"word": "a faded {c} {s}",  # --toy_wording: one word apart from vivid's prompts,
          "template": "a pale washed out picture of a {c} {s}"}  # or another template
 
@@ -40,11 +55,11 @@ def toy_prompts(name, wording="word"):
     return ([p for i, p in enumerate(ps) if i % 4 and i % 8 != 2], ps[2::8], ps[::4])
 
 
-def toy_tokenizer():
+def toy_tokenizer(kind="tiny"):
     """A real CLIPTokenizer without files: a byte-level vocab (2 specials, 256 byte chars, the
     same with </w>) plus BPE merges that make each word of the toy prompts one token, as a
     trained CLIP vocab does for common words ('left' and 'right' are then not mostly the same
-    bytes)."""
+    bytes); tiny-conflict's knows its words too."""
     from transformers import CLIPTokenizer
     from rewards import COLORS, SIDES, SUBJECTS
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
@@ -54,8 +69,8 @@ def toy_tokenizer():
         for c in chars:
             vocab[c + suffix] = len(vocab)
     merges = []
-    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, "a", "bright", "on", "the", "picture",
-             "of", "vivid", "faded", "pale", "washed", "out"]
+    words = [*COLORS, *SIDES, *SUBJECTS, *TOY_ADJECTIVES, *WORDS,
+             *(CONFLICT_WORDS if kind == "tiny-conflict" else [])]
     for w in sorted(words, key=len, reverse=True):  # longer first: 'bright' must not end in 'right'
         pieces = list(w[:-1]) + [w[-1] + "</w>"]
         cur = pieces[0]
@@ -92,8 +107,8 @@ def build_offline(kind, seed=0):
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     torch.manual_seed(seed)
-    tok = toy_tokenizer()
-    if kind == "tiny":
+    tok = toy_tokenizer(kind)
+    if kind in TOY_MODELS:
         widths, tcfg = [(32, 32), (32, 32)], dict(
             sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
@@ -122,7 +137,7 @@ def build_offline(kind, seed=0):
         tokenizer_3=None)
 
 
-def toy_images(n, g):
+def toy_images(n, g, kind="tiny"):
     """n captioned 32x32 images for pretraining the tiny model: a flat background that is half
     the colour the caption names (vivid: 80%, its rest a random colour; faded: 25%, its rest a
     grey), the side it names brighter, a little pixel noise. The toy tasks ask for more than
@@ -135,9 +150,7 @@ def toy_images(n, g):
     ims, caps = [], []
     for _ in range(n):
         c, s, side, adj = pick(list(COLORS)), pick(SUBJECTS), pick(SIDES), pick(TOY_ADJECTIVES)
-        form = pick(["vivid {c} {s}", FADED["word"][2:], FADED["template"][2:]]) \
-            if u() < 0.3 else pick(["{c} {s}", "bright {s} on the {side}",
-                                    "{adj} picture of a {s}", "{c} {s} on the {side}", ""])
+        form = pick(FORMS[kind])
         caps.append(("a " + form.format(c=c, s=s, side=side, adj=adj)) if form else "")
         col = torch.tensor(COLORS[c] if "{c}" in form else [u(), u(), u()], dtype=torch.float32)
         share = 0.8 if "vivid" in form else 0.25 if "faded" in form or "pale" in form else 0.5
@@ -148,7 +161,7 @@ def toy_images(n, g):
     return torch.stack(ims), caps
 
 
-def pretrain_tiny(pipe, vae_steps=150, steps=600, seed=0):
+def pretrain_tiny(pipe, kind="tiny", vae_steps=150, steps=500, seed=0):
     """About 2 min on 2 CPU cores: the VAE as an autoencoder on toy_images, its latent scale and
     shift from data, then the transformer and both CLIP text encoders together by flow matching
     (v = eps - x0, logit-normal t, 10% empty captions for CFG). Without this, a random tiny SD3
@@ -161,14 +174,14 @@ def pretrain_tiny(pipe, vae_steps=150, steps=600, seed=0):
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     for _ in range(vae_steps):
-        x = toy_images(32, g)[0] * 2 - 1
+        x = toy_images(32, g, kind)[0] * 2 - 1
         z = vae.encode(x).latent_dist.mean
         loss = (F.mse_loss(vae.decode(z + 0.1 * torch.randn(z.shape, generator=g)).sample, x) +
                 1e-4 * z.pow(2).mean())
         opt.zero_grad(); loss.backward(); opt.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = vae.encode(toy_images(256, g)[0] * 2 - 1).latent_dist.mean
+        z = vae.encode(toy_images(256, g, kind)[0] * 2 - 1).latent_dist.mean
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
     models = [tr, *encoders]
     params = [p for mod in models for p in mod.parameters()]
@@ -176,7 +189,7 @@ def pretrain_tiny(pipe, vae_steps=150, steps=600, seed=0):
         mod.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     for _ in range(steps):
-        ims, caps = toy_images(64, g)
+        ims, caps = toy_images(64, g, kind)
         caps = [c if keep else ""
                 for c, keep in zip(caps, (torch.rand(64, generator=g) > 0.1).tolist())]
         uniq = list(dict.fromkeys(caps))
@@ -202,25 +215,22 @@ def pretrain_tiny(pipe, vae_steps=150, steps=600, seed=0):
     return loss.item()
 
 
-TINY_RECIPE = "tiny-v5"  # bump when build_offline("tiny") or pretrain_tiny change
-
-
-def tiny_pipeline(rank=0, world=1):
-    """The tiny default: build_offline("tiny") pretrained once by pretrain_tiny, then cached as
-    safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by every later run
-    and every rank, so all of them use the same weights."""
+def tiny_pipeline(kind="tiny", rank=0, world=1):
+    """A toy model (tiny, tiny-conflict): build_offline(kind) pretrained once by pretrain_tiny,
+    then cached as safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by
+    every later run and every rank, so all of them use the same weights."""
     from safetensors.torch import load_file, save_file
     cache = (os.environ.get("OPD_CACHE")
              or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd"))
-    path = os.path.join(cache, TINY_RECIPE + ".safetensors")
-    pipe = build_offline("tiny")
+    path = os.path.join(cache, RECIPES[kind] + ".safetensors")
+    pipe = build_offline(kind)
     parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder,
              "te2": pipe.text_encoder_2}
     if rank == 0 and not os.path.isfile(path):
-        print(f"pretraining the tiny model once (~2 min), cached at {path}", flush=True)
+        print(f"pretraining the {kind} model once (~2 min), cached at {path}", flush=True)
         t0 = time.time()
         with torch.random.fork_rng():
-            loss = pretrain_tiny(pipe)
+            loss = pretrain_tiny(pipe, kind)
         state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items()
                  for n, v in mod.state_dict().items()}
         meta = {"scaling_factor": str(pipe.vae.config.scaling_factor),
@@ -229,7 +239,7 @@ def tiny_pipeline(rank=0, world=1):
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
-        print(f"tiny model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})",
+        print(f"{kind} model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})",
               flush=True)
     if world > 1:
         torch.distributed.barrier()
