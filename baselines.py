@@ -573,7 +573,7 @@ def compare(cfg, model, tasks):
     (eval), budget.json (each method's trained forwards and seconds) and the figures
     anytime.png (validation average against trained forwards) and conflict.png."""
     names, kind = [t.name for t in tasks], model_kind(cfg.model)
-    caps = COMPARE_CAPS[kind]
+    caps = {k: cfg.optim_steps or v for k, v in COMPARE_CAPS[kind].items()}  # --optim_steps
     cfg = dataclasses.replace(cfg, eval_every=cfg.eval_every or COMPARE_EVERY,
                               plateau=cfg.plateau or COMPARE_PLATEAU)
     methods = cfg.methods.split(",")

@@ -355,7 +355,7 @@ def count(cfg, rank=0):
     and without gradient checkpointing, and an estimate of the GPU's peak memory (bf16 weights,
     fp32 LoRA with its gradient, Adam moments and EMA; the recomputed block's activations under
     checkpointing; without the CUDA context and allocator slack). Writes <out>/count.json."""
-    import tiny
+    from opd_support import tiny
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from peft import LoraConfig
     quiet_hf()
@@ -576,9 +576,9 @@ def gpu_check(cfg):
 
 # ------------------------------------------------------------------------------ main
 def run(cfg):
-    for stage in ("distill", "teacher"):  # every option against its rule, before anything runs
-        resolve(dataclasses.replace(cfg, device="cpu" if cfg.device == "meta" else cfg.device),
-                stage)
+    # every option against its rule and the relations, before anything runs
+    resolve(dataclasses.replace(cfg, device="cpu" if cfg.device == "meta" else cfg.device),
+            "distill")
     if cfg.device == "meta":  # these resolve each stage's config themselves
         return count(cfg)
     if cfg.gpu_check:

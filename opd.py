@@ -473,7 +473,7 @@ def train_rl(cfg, model, schedule, name):
         return
     K, b = cfg.updates_per_epoch, cfg.batch_size // run.world
     epochs = runs.rounds(run, run.start, cfg.optim_steps, K)
-    every_task = list(dict.fromkeys(t for tasks in schedule for t in tasks))
+    every_task = list({t.name: t for tasks in schedule for t in tasks}.values())
     for first in epochs:  # one epoch: optimizer steps first .. first + K - 1
         if evaluation.validate(cfg, model, every_task, run, first):  # --plateau: stop
             break

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 from opd_support.checkpoints import disk_errors, fsync_path
 from opd_support.options import UserError
@@ -170,7 +171,9 @@ def load_lora(tr, source, name, producer=None):
     except RuntimeError as e:  # size mismatches: a LoRA of another model
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
         why = next((ln for ln in lines if "mismatch" in ln), lines[0])[:160]
-        tr.delete_adapters([name])
+        with warnings.catch_warnings():  # peft says which adapter is active now: not news
+            warnings.simplefilter("ignore")
+            tr.delete_adapters([name])
         raise UserError(f"the LoRA at {folder} does not fit this model ({why})") from None
     for mod in tr.modules():  # as sd3.add_lora: no fp32 copy of each input
         if hasattr(mod, "cast_input_dtype_enabled"):

@@ -73,9 +73,9 @@ def setup(cfg, first_stage):
     rank, world, device = dist_setup(cfg.device)
     torch.manual_seed(cfg.seed)
     first = resolve(cfg, first_stage)
+    tasks = [make_task(n, first, device) for n in task_names(cfg)]  # prompts, rewards: checked
     if rank == 0:
         take_lock(cfg.out)
-    tasks = [make_task(n, first, device) for n in task_names(cfg)]
     say(rank, config_text(first))
     model = SD3(load_pipeline(first, device, rank, world), first, device)
     if cfg.compile:

@@ -11,7 +11,7 @@ import torch
 import baselines
 import opd
 from conftest import ok, randomise, run
-from opd_support import config, machinery, prompts, runs, sd3, tiny
+from opd_support import config, machinery, prompts, reports, runs, sd3, tiny
 
 ONE = runs.single_process()  # one process, for functions that take a run
 
@@ -49,35 +49,38 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
 
 
 def test_compare_runs_every_method_tiny(tmp_path):
-    """--stage compare at toy sizes: teachers, OPD with its held-out curve, joint RL with both
-    algorithms, cascade NFT, the SFT / PPO / DanceOPD / FlowOPD students; one table with every
-    model, its time and the avg; labelled samples.png; every LoRA loads with diffusers'
-    load_lora_weights and changes the model's output."""
+    """--stage compare at toy sizes: teachers, OPD and every student of the same teachers, joint
+    RL with both algorithms, cascade NFT; each with its validation curve; one table with every
+    model, its time and trained forwards; budget.md, anytime.png, conflict.json / .png; every
+    LoRA loads with diffusers' load_lora_weights and changes the model's output. Then the
+    learning rate chosen from a grid on the validation prompts (OPD), the runs reused."""
     out = str(tmp_path / "cmp")
     small = ["--tasks", "color,jpeg", "--optim_steps", "2", "--batch_size", "4",
              "--group_size", "2", "--sampler_steps", "3", "--eval_sampler_steps", "3",
              "--eval_prompts", "2", "--eval_seeds", "2", "--out", out]
-    r = run("--stage", "compare", *small, script="baselines.py")
-    assert r.returncode == 0, r.stderr[-3000:]
+    ok(run("--stage", "compare", *small, script="baselines.py"))
     table = json.load(open(os.path.join(out, "eval.json")))
     rows = ["base", "teacher-color", "teacher-jpeg", "joint-grpo_guard", "joint-nft", "cascade-nft",
             "student", "student-dance", "student-dmd", "student-flow", "student-offpolicy",
             "student-ppo", "student-sft", "student-tdm"]
-    assert list(table) == rows and all({"color", "jpeg", "seconds"} <= set(v)
+    assert list(table) == rows and all({"color", "jpeg", "seconds", "forwards"} <= set(v)
                                        for v in table.values())
-    assert all(table[k]["seconds"] > 0 for k in rows[1:])
+    assert all(table[k]["seconds"] > 0 and table[k]["forwards"] > 0 for k in rows[1:])
+    # trained forwards: OPD 2 rounds x 2 tasks x 4 trajectories x 2 loss steps x 2 CFG rows
+    assert table["student"]["forwards"] == 2 * 2 * 4 * 2 * 2
     md = open(os.path.join(out, "eval.md")).read()
     assert all(f"| {k} |" in md for k in rows) and "train time" in md
-    reach = json.load(open(os.path.join(out, "compare.json")))
-    assert (set(reach) == {"joint-grpo_guard", "joint-nft", "cascade-nft"}
-            and all("says" in r for r in reach.values()))
-    curve = [json.loads(l) for l in open(os.path.join(out, "student", "metrics.jsonl"))
-             if "held_out" in l]
-    assert ([c["step"] for c in curve] == [0, 1, 2]
-            and set(curve[-1]["held_out"]) == {"color", "jpeg"})
+    budget = open(os.path.join(out, "budget.md")).read()
+    assert all(f"| {k} |" in budget for k in rows[1:])
+    curve = [json.loads(line) for line in open(os.path.join(out, "student", "metrics.jsonl"))
+             if '"val"' in line]
+    assert [c["step"] for c in curve] == [0, 2] and set(curve[-1]["val"]) == {"color", "jpeg"}
+    conflict = json.load(open(os.path.join(out, "conflict.json")))
+    assert "cos_color_jpeg" in conflict["student"] and "cos_color_jpeg" in conflict[
+        "joint-grpo_guard"] and "cos_half_color" in conflict["student"]
+    assert os.path.getsize(os.path.join(out, "anytime.png")) > 10_000
+    assert os.path.isfile(os.path.join(out, "conflict.png"))
     assert json.load(open(os.path.join(out, "student-ppo", "config.json")))["noise_level"] == 0.7
-    assert (json.load(open(os.path.join(out, "joint-nft", "run.json")))["trajectories"]
-            == 4 * 2 * 4)  # budget: T + D B_D / B_T
     from PIL import Image
     im = Image.open(os.path.join(out, "samples.png"))
     assert (im.size[1] > 128 * len(rows)
@@ -95,6 +98,16 @@ def test_compare_runs_every_method_tiny(tmp_path):
         v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e,
                              pooled_projections=p)[0]
         assert not torch.allclose(v, base, atol=1e-6), name
+    grid = str(tmp_path / "grid")
+    r = ok(run("--stage", "compare", "--methods", "opd", "--lr_grid", "0.5,1",
+               *small[:-1], grid, script="baselines.py"))
+    chosen = json.load(open(os.path.join(grid, "lr.json")))
+    assert set(chosen) == {"teacher-color", "teacher-jpeg", "student"}
+    assert chosen["student"]["multiple"] in (0.5, 1) and set(chosen["student"]["scores"]) == \
+        {"0.5", "1"} and "chosen on the validation prompts" in r.stdout
+    for name in ("student", "teacher-color"):
+        assert os.path.isfile(os.path.join(grid, "grid", f"{name}-x0.5", "run.json"))
+    assert list(json.load(open(os.path.join(grid, "eval.json")))) == rows[:3] + ["student"]
 
 
 def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
@@ -140,7 +153,7 @@ def test_compare_seeds_summary_by_hand(tmp_path):
     for s, t in enumerate(tables):
         os.makedirs(tmp_path / f"seed-{s}")
         (tmp_path / f"seed-{s}" / "eval.json").write_text(json.dumps(t))
-    baselines.compare_seeds(str(tmp_path), [0, 1, 2], ["a"])
+    reports.compare_seeds(str(tmp_path), [0, 1, 2], ["a"])
     res = json.load(open(tmp_path / "seeds.json"))
     st = res["models"]["student"]
     assert st["a"]["mean"] == pytest.approx(0.8) and st["a"]["sd"] == pytest.approx(0.1)
@@ -170,7 +183,7 @@ def test_noise_seeds_summary_by_hand(tmp_path):
         os.makedirs(tmp_path / f"seed-{s}")
         (tmp_path / f"seed-{s}" / "noise.json").write_text(json.dumps(
             {"levels": {"a0.0": lv(*ode[s]), "a0.7": lv(*sde[s])}}))
-    baselines.noise_seeds(str(tmp_path), [0, 1, 2])
+    reports.noise_seeds(str(tmp_path), [0, 1, 2])
     res = json.load(open(tmp_path / "seeds.json"))["runs"]
     assert res["a0.7"]["rounds_to"]["0.9"]["values"] == [12, 18]  # seed 1 never reached it
     d = res["a0.7"]["minus_a0.0"]

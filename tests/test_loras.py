@@ -133,14 +133,8 @@ def test_a_hub_id_resolves_to_its_subfolder(monkeypatch, tmp_path):
 
 def test_a_peft_teacher_distils_and_a_peft_lora_evaluates(tmp_path, teacher_dir):
     """The command line with a peft folder as --teachers and as --lora."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    path = os.path.join(teacher_dir, loras.LORA_FILE)
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    weights = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
-    peft = peft_folder(weights, {"r": meta["r"], "lora_alpha": meta["lora_alpha"]},
-                       tmp_path / "peft")
+    weights, config = loras.read_lora(teacher_dir)  # our format's, as the file says
+    peft = peft_folder(weights, config, tmp_path / "peft")
     out = str(tmp_path / "o")
     ok(run("--stage", "distill", "--teachers", f"color={peft}", *SMALL, "--optim_steps", "1",
            "--out", out))

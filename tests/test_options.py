@@ -32,7 +32,9 @@ def _main(args, capsys, monkeypatch, script=opd):
 # texts whose domain is a check function: values it must refuse (the other kinds' are derived)
 MALFORMED = {"reward": ["bogus", "color:-1"], "loss_steps": ["x", "9-3", "0,99"],
              "nft_decay": ["x", "1,2", "0,0.1,1.5"], "lora_targets": [",", ""],
-             "seeds": ["x", "0,0", "1,", "-1"]}
+             "seeds": ["x", "0,0", "1,", "-1"],
+             "plateau": ["x", "3", "0,0.1", "3,-1"], "lr_grid": ["x", "0", "1,-2"],
+             "lr_choice": ["x", "[1]"]}
 
 
 def outside(name, rule):
@@ -83,7 +85,8 @@ def test_every_default_is_inside_its_domain_and_help_shows_it():
             if f.default is not None:
                 assert f.metadata["rule"].ok(f.default), (f.name, f.default)
     r = ok(run("--help"))
-    assert "default 'color,position,jpeg'" in r.stdout and "default 60 (tiny teacher" in r.stdout
+    text = " ".join(r.stdout.split())
+    assert "default 'color,position,jpeg'" in text and "default 60 (tiny teacher" in text
 
 
 @pytest.mark.parametrize("script,name,bad", _fields())
@@ -120,7 +123,7 @@ def test_out_of_domain_value_is_one_line_exit_2(script, name, bad, tmp_path, cap
     (opd, ["--teacher_guidance", "ocr=1"], "not among"),
     (opd, ["--stage", "eval", "--export_geneval"], "needs the geneval task"),
     (opd, ["--stage", "distill", "--teachers", "color=/nonexistent"],
-     "--stage teacher --task color"),
+     "no LoRA folder /nonexistent"),
     (opd, ["--stage", "compare"], "--stage: got 'compare'"),
     (opd, ["--bogus_option", "1"], "unrecognized arguments"),
     (opd, ["--lr"], "expected one argument"),

@@ -403,8 +403,10 @@ def test_geneval_export_is_read_as_geneval_reads_it(tmp_path):
 
 def test_built_in_prompt_sets():
     from opd_support import prompts
-    train, test, meta = prompts.builtin("geneval")
-    assert len(train) > 2000 and len(test) > 100 and not set(train) & set(test)
+    train, val, test, meta = prompts.builtin("geneval")
+    assert len(train) > 2000 and len(test) > 100 and len(val) > 100
+    assert not set(train) & set(test) and not set(train) & set(val) and not set(val) & set(test)
+    train = train + val
     tags = {meta[p]["tag"] for p in train + test}
     assert tags == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     for p in train + test:  # every prompt is GenEval's template on its metadata
@@ -424,9 +426,9 @@ def test_built_in_prompt_sets():
     assert ("a photo of an airplane" in train + test
             and "a photo of three benchs" in train + test)  # GenEval's plural rule
     for task in ("ocr", "aesthetic"):
-        tr, te, _ = prompts.builtin(task)
-        assert (len(tr) > 1000 and len(te) > 50 and not set(tr) & set(te)
-                and prompts.builtin(task)[0] == tr)
+        tr, va, te, _ = prompts.builtin(task)
+        assert (len(tr) > 1000 and len(te) > 50 and len(va) > 50 and not set(tr) & set(te)
+                and not set(va) & (set(tr) | set(te)) and prompts.builtin(task)[0] == tr)
     assert all(rewards.ocr_target(p) for p in prompts.builtin("ocr")[0])
 
 
