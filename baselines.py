@@ -520,7 +520,7 @@ def student(cfg, model, tasks, dirs, name=None):
 
 
 # ------------------------------------------------------------------------------ the comparison
-COMPARE_CAPS = {"tiny": dict(teacher=300, distill=200, joint=600),   # optimizer steps at most:
+COMPARE_CAPS = {"tiny": dict(teacher=120, distill=80, joint=150),    # optimizer steps at most:
                 "real": dict(teacher=2000, distill=1000, joint=4000)}  # --plateau stops before
 COMPARE_PLATEAU, COMPARE_EVERY = "3,0.003", 10  # unless --plateau / --eval_every are given
 
@@ -587,9 +587,8 @@ def compare(cfg, model, tasks):
     base = {t: own[t][0][t] for t in names}
 
     def share_of_gains(d):  # mean over tasks of the share of its teacher's validation gain
-        last = final_val(d)[1]
-        return sum((last[t] - base[t]) / max(own[t][1][t] - base[t], 1e-9) for t in names) / \
-            len(names)
+        return reports.gain_share(final_val(d)[1], base, {t: own[t][1][t] for t in names},
+                                  names)
     dirs = runs.teacher_dirs(cfg, names)
     d = resolve(dataclasses.replace(cfg, optim_steps=caps["distill"], log_conflict=True),
                 "distill")

@@ -132,6 +132,7 @@ class Config:
         tasks = list(parse_pairs(self.teachers)) if stage == "distill" and self.teachers else \
             self.tasks.split(",")
         rl = stage == "teacher"
+        trained = [self.task] if rl and self.stage == "teacher" else tasks
         return [
             (rl and self.batch_size % self.group_size,
              f"--batch_size {self.batch_size} is not a multiple of --group_size {self.group_size}"),
@@ -156,7 +157,7 @@ class Config:
              f"--teacher_guidance names a task not among {','.join(tasks)}"),
             (stage == "eval" and self.export_geneval and "geneval" not in tasks,
              "--export_geneval needs the geneval task in --tasks"),
-            (bool({"vivid", "faded"} & set(tasks)) and self.model != "tiny-conflict",
+            (bool({"vivid", "faded"} & set(trained)) and self.model != "tiny-conflict",
              "the tasks vivid and faded need --model tiny-conflict (its pretraining knows "
              "their words)"),
             (self.plateau and not self.eval_every,
@@ -170,7 +171,7 @@ class Config:
 # configs on 8 GPUs (GRPO-Guard 48 x 24 images an epoch in 2 steps, NFT in 1, OPD 3 per task and
 # GPU; README).
 # ---------------------------------------------------------------------------------------------
-MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12, clip_range=2e-6),
+MODEL_DEFAULTS = {"tiny": dict(resolution=32, max_seq_len=8, group_size=12, clip_range=1e-4),
                   "real": dict(resolution=512, max_seq_len=128, group_size=24, clip_range=2e-6)}
 ATTN = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # the paper's
 TINY_TARGETS = ATTN + ",norm1.linear,norm1_context.linear,norm_out.linear,context_embedder," \

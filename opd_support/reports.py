@@ -178,10 +178,14 @@ def budget(out, table, tasks):
     write_text(os.path.join(out, "budget.md"), "\n".join(lines) + "\n")
 
 
+GAIN_FLOOR = 0.01  # a teacher's gain below this (metric units) counts as this much
+
+
 def gain_share(metrics, base, teachers, tasks):
-    """The mean over tasks of the share of its teacher's gain over the base."""
-    return sum((metrics[t] - base[t]) / max(teachers[t] - base[t], 1e-9) for t in tasks) / \
-        len(tasks)
+    """The mean over tasks of the share of its teacher's gain over the base (a gain below
+    GAIN_FLOOR counts as GAIN_FLOOR: a teacher that barely moved would blow the share up)."""
+    return sum((metrics[t] - base[t]) / max(teachers[t] - base[t], GAIN_FLOOR)
+               for t in tasks) / len(tasks)
 
 
 def anytime_curves(out, table, tasks):

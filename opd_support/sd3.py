@@ -204,5 +204,7 @@ def add_lora(tr, name, cfg):
 
 def drop_adapters(m):
     if getattr(m.tr, "peft_config", None):
-        m.tr.delete_adapters(list(m.tr.peft_config))
+        with warnings.catch_warnings():  # peft names the adapter it activates in between
+            warnings.simplefilter("ignore")
+            m.tr.delete_adapters(list(m.tr.peft_config))
     m.active, m.trainable = "?", []
