@@ -19,9 +19,10 @@ Algorithm 1 (stage 2), line by line in distill()
     teachers pi_T^1..M from stage 1 (train_rl); student = the base + a LoRA with B = 0
     for every round:
         for every task m: prompts c ~ D_m                            draw_prompts
-            roll out the student x_0 -> x_N (ODE; SDE with a > 0)    distill_trajectory
+            roll out the student x_0 -> x_N (ODE; SDE with a > 0)    distill_trajectory (the
+                                                                     reference), _fused (default)
             at every x_j: mu_S(x_j) with grad, mu_T^m(x_j) without   transition
-            the gradient of the per-step KL                          opd_loss
+            the gradient of the per-step KL                          step_loss -> opd_loss
         one optimizer step on the mean gradient of the M tasks       runs.optimizer_step
         EMA of the student, log, checkpoint
 
@@ -62,7 +63,7 @@ from opd_support.sd3 import sd3_sigmas
 # Convention: t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; v = eps - x0.
 # ---------------------------------------------------------------------------------------------
 def bcast(s, x):
-    """A scalar or (B,) tensor -> shape (B, 1, 1, ...) to broadcast against x, fp32."""
+    """A (B,) tensor -> shape (B, 1, 1, ...) to broadcast against x (a scalar stays 0-d), fp32."""
     s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
     return s.reshape(s.shape + (1,) * (x.dim() - s.dim())) if s.dim() else s
 
@@ -150,7 +151,8 @@ def opd_loss(mu_s, mu_t, std, dt=None, sde_weight="kl"):
     """The closed-form per-step KL between student and teacher transitions, (B,).
     SDE (paper Eq. 11): KL(N(mu_S, s^2 I) || N(mu_T, s^2 I)) = ||mu_S - mu_T||^2 / (2 s^2), with
     s = std_j = sigma_t sqrt(|dt|); sde_weight="sigma" is the public code's weight instead,
-    1 / (2 sigma_t^2) = |dt| / (2 s^2) (needs dt): late steps (small |dt|) weigh relatively less.
+    1 / (2 sigma_t^2) = |dt| / (2 s^2) (needs dt): steps with a small |dt| weigh relatively less
+    (with SD3's shifted schedule the early ones, t near 1: |dt| 0.04 there, 0.26 at the end).
     ODE (paper Eq. 12, std = 0): 1/2 ||mu_S - mu_T||^2.
     Reduction: the squared norm is averaged over latent elements (public code), i.e. the paper's
     KL divided by the number of elements D. The teacher target is cast to fp32."""
@@ -165,10 +167,12 @@ def opd_loss(mu_s, mu_t, std, dt=None, sde_weight="kl"):
 
 
 def ppo_surrogate(delta, logp, logp_old):
-    """PPO-style surrogate of the per-step teacher 'reward' Delta_j (paper section 3.3), (B,):
+    """PPO-style surrogate of the per-step cost Delta_j (the KL to the teacher, which the paper's
+    section 3.3 treats as a per-step reward to minimise), (B,):
     L_PG = rho_j Delta_j,  rho_j = pi_theta(a_j | x_j) / pi_old(a_j | x_j).
     On-policy rho = 1 at the sampled a_j, but grad rho = rho grad log pi, so a single sample's
-    gradient carries the extra term Delta_j grad log pi (zero mean, variance ~ 1/std)."""
+    gradient carries the extra term Delta_j grad log pi = Delta_j (eps_j / std_j) grad mu: zero
+    mean, a variance that grows like Delta_j^2 / std_j^2 as the noise shrinks."""
     return torch.exp(logp - logp_old.detach()) * delta
 
 
@@ -212,7 +216,10 @@ def clipped_loss(ratio, adv, clip_range):
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
 
 
-def nft_r(adv, clip=5.0):
+NFT_ADV_CLIP = 5.0  # DiffusionNFT's adv_clip_max: the advantages' clip, and its loss's scale
+
+
+def nft_r(adv, clip=NFT_ADV_CLIP):
     """DiffusionNFT's optimality probability r in [0, 1] from an advantage:
     r = clip(0.5 + 0.5 clip(A, -5, 5) / 5, 0, 1)."""
     return (0.5 + 0.5 * adv.float().clamp(-clip, clip) / clip).clamp(0, 1)
@@ -234,13 +241,14 @@ def nft_loss(v, v_old, target, t, r, beta):
     def term(v_hat):  # ||x0_hat - x0||^2 / mean|x0_hat - x0|, per sample (element means)
         err = (tt * (target - v_hat)).flatten(1)
         return err.pow(2).mean(1) / err.abs().mean(1).detach().clamp_min(1e-5)
-    return (r * term(v_pos) + (1 - r) * term(v_neg)) / beta * 5.0
+    return (r * term(v_pos) + (1 - r) * term(v_neg)) / beta * NFT_ADV_CLIP
 
 
 def nft_timesteps(batch, num_steps, generator):
     """DiffusionNFT's trained times: per sample a random permutation of the sampler's N steps, of
-    which the first int(0.99 N) (= N - 1 for N < 100) are trained, each with fresh noise.
-    Returns (batch, N - 1) step indices, distinct within a row."""
+    which the first int(0.99 N) are trained (timestep_fraction 0.99: N - 1 for N <= 100; here
+    always N - 1), each with fresh noise. Returns (batch, N - 1) step indices, distinct within a
+    row."""
     order = torch.rand(batch, num_steps, generator=generator).argsort(1)  # a permutation per row
     return order[:, :num_steps - 1]
 
@@ -251,22 +259,25 @@ def nft_timesteps(batch, num_steps, generator):
 def distill_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
     """On-policy distillation on one batch of the student's trajectories (paper Eq. 11/12), the
     reference form. student, teacher: velocity functions v(x, t); x (B, ...): the noise at t = 1.
-    The student first samples x_0 -> x_N without grad: like any on-policy method's samples, the
-    states it visits are data, and since the per-step KL has a closed form its gradient needs no
-    score-function term through the sampling. Then at every x_j with j in loss_steps the
-    student's mean mu_S(x_j) (with grad) is pulled to the teacher's mu_T(x_j) (no grad, fp32).
-    Each step's loss (batch mean / number of loss steps) x scale is backpropagated at once (its
-    graph freed). Returns (x_N, the loss as a float)."""
-    s, total = sampler, 0.0
-    traj = rollout(student, x, s.sigmas, s.noise_level, generator)  # states (B, N+1, ...)
-    for j in s.loss_steps:
-        t, t_next = s.sigmas[j], s.sigmas[j + 1]
+    The student first samples x_0 -> x_N without grad: the states it visits are data, as any
+    on-policy method's samples are (no gradient flows through how they depend on the weights).
+    Then at every x_j with j in loss_steps the student's mean mu_S(x_j) (with grad) is pulled to
+    the teacher's mu_T(x_j) (no grad, fp32): the KL between the two Gaussian steps has a closed
+    form, so the action a_j needs no score-function term either (ppo_surrogate is the estimator
+    that has one). Each step's loss (batch mean / number of loss steps) x scale is
+    backpropagated at once (its graph freed). Returns (x_N, the loss as a float)."""
+    sigmas, a, total = sampler.sigmas, sampler.noise_level, 0.0
+    traj = rollout(student, x, sigmas, a, generator)  # states (B, N+1, ...)
+    for j in sampler.loss_steps:
+        t, t_next = sigmas[j], sigmas[j + 1]
         x, x_next = traj["states"][:, j], traj["states"][:, j + 1]
         with torch.no_grad():  # the teacher's mean on the student's own state
-            mu_t, _ = transition(x, teacher(x, t), t, t_next, s.noise_level)
-        mu_s, std = transition(x, student(x, t), t, t_next, s.noise_level)  # with grad
-        loss = step_loss(mu_s, mu_t, std, x_next, t_next - t, s).mean() / len(s.loss_steps)
-        (loss * scale).backward()  # the student is the active adapter (checkpointing recomputes)
+            mu_teacher, _ = transition(x, teacher(x, t), t, t_next, a)
+        mu_student, std = transition(x, student(x, t), t, t_next, a)  # with grad
+        loss = step_loss(mu_student, mu_teacher, std, x_next, t_next - t, sampler).mean()
+        loss = loss / len(sampler.loss_steps)
+        # the student's forward came last: gradient checkpointing recomputes it, not the teacher
+        (loss * scale).backward()
         total += float(loss.detach())
     return traj["states"][:, -1], total
 
@@ -275,19 +286,19 @@ def distill_trajectory_fused(student, teacher, x, sampler, generator=None, scale
     """distill_trajectory in one pass (the default; --two_pass runs the reference): the weights
     do not change inside a round, so the student's forward with grad at x_j can be the step it
     takes, its state then detached. The same gradient with fewer student forwards (tested)."""
-    s, total = sampler, 0.0
-    for j in range(len(s.sigmas) - 1):
-        t, t_next, train = s.sigmas[j], s.sigmas[j + 1], j in s.loss_steps
+    sigmas, a, total = sampler.sigmas, sampler.noise_level, 0.0
+    for j in range(len(sigmas) - 1):
+        t, t_next, train = sigmas[j], sigmas[j + 1], j in sampler.loss_steps
         if train:
             with torch.no_grad():
-                mu_t, _ = transition(x, teacher(x, t), t, t_next, s.noise_level)
+                mu_teacher, _ = transition(x, teacher(x, t), t, t_next, a)
         with torch.set_grad_enabled(train):
-            x_next, mu_s, std = sde_step(x, student(x, t), t, t_next, s.noise_level, generator)
+            x_next, mu_student, std = sde_step(x, student(x, t), t, t_next, a, generator)
         if train:
-            loss = step_loss(mu_s, mu_t, std, x_next, t_next - t, s).mean() / len(s.loss_steps)
-            (loss * scale).backward()
-            total += float(loss.detach())
-        x = x_next.detach()
+            loss = step_loss(mu_student, mu_teacher, std, x_next, t_next - t, sampler).mean()
+            (loss / len(sampler.loss_steps) * scale).backward()
+            total += float(loss.detach()) / len(sampler.loss_steps)
+        x = x_next.detach()  # the next state is data
     return x, total
 
 
@@ -337,7 +348,7 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
                 _, loss = trajectory(student, teacher, model.noise(len(ps), g), sampler, g,
                                      share / len(tasks))  # the gradient: a mean over tasks
                 losses[task.name] += loss * share
-                run.conflict.mark(task.name, 2 * k // len(parts))  # --log_conflict
+                run.conflict.mark(task.name, 2 * k // len(parts))  # --log_conflict: halves
         grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks too
         run.ema.step(r + 1)
         run.count(cfg, cfg.batch_size * len(tasks), len(sampler.loss_steps))
@@ -366,7 +377,8 @@ def rl_sample(cfg, model, tasks, first, run):
     batch_size trajectories, G images for each of its prompts. GRPO-Guard: SDE rollouts of the
     policy, every state kept; NFT: ODE samples of the 'old' adapter (x0 and the reward are used).
     Each image is scored by its own task's reward and its advantage computed within its prompt's
-    group (NFT: with the std of the task's batch), so the tasks' reward scales never mix.
+    group (NFT: with the std of the task's batch), so the tasks' reward scales never mix. (NFT
+    samples with the noise level of its defaults row, 0.)
     Returns ([Samples] of this rank, {task: mean reward})."""
     G, nft = cfg.group_size, cfg.algo == "nft"
     n = cfg.updates_per_epoch * cfg.batch_size  # the epoch's trajectories per task, all ranks
@@ -400,7 +412,7 @@ def grpo_guard_update(cfg, model, samples, rows, run):
     stats = torch.zeros(4, dtype=torch.float64, device=model.device)  # summed on the device
     for task in samples:
         parts = chunks(b, cfg.micro_batch)
-        for half, s in ((2 * k // len(parts), s) for k, s in enumerate(parts)):
+        for k, s in enumerate(parts):  # micro-batches; the first and second half: conflict.py
             idx = rows[s]
             states, adv = task.traj["states"][idx], task.advantages[idx.to(model.device)]
             v = model.velocity("policy", [task.prompts[k] for k in idx], cfg.guidance)
@@ -417,7 +429,7 @@ def grpo_guard_update(cfg, model, samples, rows, run):
                 stats += torch.stack([(dev > cfg.clip_range).sum(), dev.sum(),
                                       ratio.detach().double().log().pow(2).sum(),
                                       dev.new_tensor(len(dev))])
-            run.conflict.mark(task.task, half)  # --log_conflict: this task's gradient
+            run.conflict.mark(task.task, 2 * k // len(parts))  # --log_conflict
     clipped, abs_dev, log_sq, count = sum_over_ranks(stats, run.world).tolist()
     return dict(clipfrac=clipped / count, ratio_dev=abs_dev / count,
                 approx_kl=0.5 * log_sq / count)
@@ -431,7 +443,7 @@ def nft_update(cfg, model, samples, rows, step, run):
     for i, task in enumerate(samples):
         g = rng(cfg.seed, "nft", i, run.rank, step=step)  # times and fresh noise
         parts = chunks(b, cfg.micro_batch)
-        for half, s in ((2 * k // len(parts), s) for k, s in enumerate(parts)):
+        for k, s in enumerate(parts):
             idx = rows[s]
             ps, x0 = [task.prompts[k] for k in idx], task.traj["states"][idx, -1]
             r = nft_r(task.advantages[idx.to(model.device)])
@@ -449,7 +461,7 @@ def nft_update(cfg, model, samples, rows, step, run):
                 if cfg.nft_kl:  # + KL to the base model: mean (v_theta - v_ref)^2
                     loss = loss + cfg.nft_kl * (vt - vr).pow(2).flatten(1).mean(1)
                 (loss.sum() / (b * len(samples) * (N - 1))).backward()
-            run.conflict.mark(task.task, half)
+            run.conflict.mark(task.task, 2 * k // len(parts))
     return {}
 
 
@@ -493,8 +505,8 @@ def train_rl(cfg, model, schedule, name):
             sampled = {f"reward_{k}": v for k, v in rewards.items()} if u == 0 else {}
             run.log(step=step + 1, **sampled, grad_norm=grad_norm, **stats,
                     elapsed=round(run.elapsed, 3), forwards=run.forwards, **run.conflict_row)
-        with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta, once an epoch
-            for p_old, p in zip(run.aux, run.params):
+        with torch.no_grad():  # NFT's old adapter (run.aux; GRPO-Guard has none) follows:
+            for p_old, p in zip(run.aux, run.params):  # theta_old <- d theta_old + (1 - d) theta
                 p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
         epochs.set_postfix(reward=f"{sum(rewards.values()) / len(rewards):.3f}")
         runs.checkpoint(cfg, model, run, first, first + K)
@@ -506,7 +518,7 @@ def train_rl(cfg, model, schedule, name):
 # ---------------------------------------------------------------------------------------------
 # main: every stage's options checked before any model loads, then the stages
 # ---------------------------------------------------------------------------------------------
-def run(cfg):
+def run_stages(cfg):
     stages = ["teacher", "distill", "eval"] if cfg.stage == "all" else [cfg.stage]
     runs.preflight(cfg, stages)
     model, tasks = runs.setup(cfg, stages[0])
@@ -524,7 +536,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    cli(run, parse_config, argv)
+    cli(run_stages, parse_config, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def test_schedule_equals_diffusers(n):
 
 
 def rederived_mean(x, v, t, tn, a):
-    """METHOD.md's second (expanded) form of the mean, written independently."""
+    """The mean's second (expanded) form, mu = (1 + sigma^2 dt / (2t)) x + (1 + sigma^2 (1 - t)
+    / (2t)) v dt, written independently."""
     sig = a * math.sqrt(t / ((1 - tn) if t >= 1 else (1 - t)))
     dt = tn - t
     return ((1 + sig**2 * dt / (2 * t)) * x + (1 + sig**2 * (1 - t) / (2 * t)) * v * dt,

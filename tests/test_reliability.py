@@ -309,3 +309,32 @@ def test_tensorboard_wandb_and_the_curves_command(tmp_path):
     r = ok(subprocess.run([sys.executable, "-m", "opd_support.curves", out], cwd=HERE,
                           capture_output=True, text=True, timeout=120))
     assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000 and "teacher-color" in r.stdout
+
+
+def test_prompts_are_drawn_without_replacement_per_epoch():
+    """Each pass over a task's train prompts (an epoch) visits every prompt once, in a fresh
+    order each epoch; a draw is a function of (seed, draw) alone (what --resume relies on)."""
+    from opd_support import config, prompts
+    task = prompts.Task("t", [f"p{i}" for i in range(10)], [], None)
+    cfg = config.Config()
+    draws = [prompts.draw_prompts(cfg, task, d, 0, 4) for d in range(5)]  # 20 = 2 epochs
+    flat = [p for d in draws for p in d]
+    assert sorted(flat[:10]) == sorted(task.train) == sorted(flat[10:])
+    assert flat[:10] != flat[10:]  # another order in the second epoch
+    assert prompts.draw_prompts(cfg, task, 3, 0, 4) == draws[3]  # the same draw again
+    other = prompts.draw_prompts(config.Config(seed=1), task, 0, 0, 4)
+    assert other != draws[0] and prompts.draw_prompts(cfg, task, 0, 1, 4) != draws[0]
+
+
+def test_three_ema_updates_with_the_same_weights_are_one_with_the_cube_of_the_decay():
+    """The official trainer steps its EMA three times in a row with unchanged weights about every
+    8th optimizer step; at the schedule's plateau (decay 0.9) that is one update with 0.729:
+    --ema 0.729 --ema_every 8 reproduces it."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    three, once = machinery.EMA([w], 0.9, 8), machinery.EMA([w], 0.729, 8)
+    for s in range(96, 400, 8):  # s > 80: min((1 + s) / (10 + s), 0.9) = 0.9
+        w.data = torch.tensor([1.0, -2.0, 0.5]) * s
+        for _ in range(3):
+            three.step(s)
+        once.step(s)
+    assert torch.allclose(three.shadow[0], once.shadow[0], rtol=1e-5)
