@@ -576,10 +576,15 @@ def compare(cfg, model, tasks):
     caps = {k: cfg.optim_steps or v for k, v in COMPARE_CAPS[kind].items()}  # --optim_steps
     cfg = dataclasses.replace(cfg, eval_every=cfg.eval_every or COMPARE_EVERY,
                               plateau=cfg.plateau or COMPARE_PLATEAU)
+
+    def capped(c, cap):  # at most cap steps; --plateau not before a third of them
+        least = "" if cfg.plateau.count(",") == 2 else f",{cap // 3}"
+        return dataclasses.replace(c, optim_steps=cap, plateau=cfg.plateau + least)
     methods = cfg.methods.split(",")
     own = {}
     for t in tasks:  # the teachers: each scored on its own task
-        c = resolve(dataclasses.replace(cfg, optim_steps=caps["teacher"]), "teacher")
+        c = capped(resolve(dataclasses.replace(cfg, optim_steps=caps["teacher"]), "teacher"),
+                   caps["teacher"])
         tuned(cfg, c, f"teacher-{t.name}", lambda c, n, t=t: opd.train_rl(
             c, model, [[t]] * (c.optim_steps // c.updates_per_epoch), n),
             lambda d, t=t: final_val(d)[1][t.name])
@@ -590,15 +595,16 @@ def compare(cfg, model, tasks):
         return reports.gain_share(final_val(d)[1], base, {t: own[t][1][t] for t in names},
                                   names)
     dirs = runs.teacher_dirs(cfg, names)
-    d = resolve(dataclasses.replace(cfg, optim_steps=caps["distill"], log_conflict=True),
-                "distill")
+    d = capped(resolve(dataclasses.replace(cfg, optim_steps=caps["distill"], log_conflict=True),
+                       "distill"), caps["distill"])
     if "opd" in methods:
         tuned(cfg, d, "student", lambda c, n: opd.distill(c, model, tasks, dirs, n),
               share_of_gains)
     for loss, a in STUDENTS.items():
         if loss in methods:
-            c = resolve(dataclasses.replace(cfg, loss=loss, noise_level=a,
-                                            optim_steps=caps["distill"]), "distill")
+            c = capped(resolve(dataclasses.replace(cfg, loss=loss, noise_level=a,
+                                                   optim_steps=caps["distill"]), "distill"),
+                       caps["distill"])
             tuned(cfg, c, f"student-{loss}",
                   lambda c, n: student(c, model, tasks, dirs, n), share_of_gains)
     steps = [json.load(open(os.path.join(dirs[t], "run.json")))["steps"] for t in names]
@@ -607,7 +613,7 @@ def compare(cfg, model, tasks):
             continue
         c = rl_config(dataclasses.replace(cfg, algo=algo, log_conflict=stage == "joint"), stage)
         K = c.updates_per_epoch
-        c = dataclasses.replace(c, optim_steps=caps["joint"]) if stage == "joint" else \
+        c = capped(c, caps["joint"]) if stage == "joint" else \
             dataclasses.replace(c, plateau="", optim_steps=math.ceil(sum(steps) / K) * K)
         train = joint if stage == "joint" else cascade
         tuned(cfg, c, f"{stage}-{algo}", lambda c, n, train=train: train(c, model, tasks, n),

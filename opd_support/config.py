@@ -33,8 +33,8 @@ def _reward_ok(s):
 
 
 def _plateau_ok(s):
-    k, d = s.split(",")
-    return int(k) >= 1 and float(d) >= 0
+    k, d, *least = s.split(",")
+    return int(k) >= 1 and float(d) >= 0 and len(least) <= 1 and all(int(m) >= 0 for m in least)
 
 
 def _decay_ok(s):
@@ -63,9 +63,9 @@ class Config:
     seed: int = arg(0, num(int, 0), "random seed (LoRA init, prompts, noise)")
     # how long, and how the training rollouts sample (Flow-GRPO's SDE; a = 0 is the ODE)
     optim_steps: int = arg(None, num(int, 1), "optimizer steps of the stage (stage 2: rounds)")
-    plateau: str = arg("", text(True, _plateau_ok, "K,D like 3,0.005"),
+    plateau: str = arg("", text(True, _plateau_ok, "K,D or K,D,MIN like 3,0.005,40"),
                        "stop once the best of the last K validation averages beats the best "
-                       "before them by less than D (--optim_steps: the cap)")
+                       "before them by less than D, not before step MIN (--optim_steps: the cap)")
     sampler_steps: int = arg(10, num(int, 2, 1000), "sampler steps N of a training rollout")
     loss_steps: str = arg("", text(True, _steps_ok, "steps like 0-8 or 0,2,4"),
                           "sampler steps with a loss (default: all but the last)")

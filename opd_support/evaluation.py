@@ -77,8 +77,9 @@ def validate(cfg, model, tasks, run, step):
     run.val.append((step, sum(metrics.values()) / len(metrics)))
     run.log(step=step, elapsed=round(run.elapsed, 3), forwards=run.forwards, val=metrics)
     if cfg.plateau and not end:
-        k, d = cfg.plateau.split(",")
-        return plateaued([v for _, v in run.val], int(k), float(d))
+        k, d, *least = cfg.plateau.split(",")
+        return step >= int((least or [0])[0]) and plateaued([v for _, v in run.val], int(k),
+                                                            float(d))
     return False
 
 

@@ -13,11 +13,14 @@ from opd_support import machinery
 from opd_support.loras import LORA_FILE
 
 
-@pytest.mark.parametrize("stage", ["teacher", "dmd"])
-def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
-    """A teacher (RL epochs), and a DMD student: opd.distill's loop with two trained adapters (the
-    student and its fake score), both restored with their optimizers, or the student's later
-    rounds would differ. ("distill", the plain OPD student, runs the same loop with one.)"""
+@pytest.mark.parametrize("stage", ["teacher", "distill", "dmd"])
+def test_killed_or_stopped_then_resumed_equals_uninterrupted(stage, tmp_path, teacher_dir):
+    """Three stage kinds: a teacher (RL epochs of two updates), a distillation, and a DMD student
+    (opd.distill's loop with a second trained adapter, the fake score, restored with its
+    optimizer). kill -9 after the 2nd checkpoint (teacher, DMD), and kill -TERM after the first
+    optimizer step (a teacher: mid-epoch): the step in flight finishes, a checkpoint is written,
+    one line, exit code 75, well inside 30 s. --resume after either gives the uninterrupted
+    run's LoRA (checkpoints change no number: the uninterrupted run saves every step)."""
     import signal
     import time
     args = ["--stage", "teacher" if stage == "teacher" else "distill", "--optim_steps", "6", *SMALL]
@@ -27,24 +30,42 @@ def test_sigkill_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
         args += ["--loss", "dmd"]
     script = "baselines.py" if stage == "dmd" else "opd.py"
     sub = {"teacher": "teacher-color", "distill": "student", "dmd": "student-dmd"}[stage]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run(*args, "--out", a, script=script).returncode == 0
-    p = subprocess.Popen([sys.executable, script, *args, "--out", b], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while p.poll() is None and not os.path.isdir(os.path.join(b, sub, "ckpt-0000002")):
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert p.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(b, sub, LORA_FILE))
-    # a checkpoint cut off mid-write (no state.pt) and a temporary folder are ignored on resume
-    os.makedirs(os.path.join(b, sub, "ckpt-0000099"))
-    open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
-    os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1"))
-    open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
-    r = run(*args, "--out", b, script=script)  # without --resume: refused, nothing touched
-    assert r.returncode == 2 and "--resume" in r.stderr
-    r = run(*args, "--out", b, "--resume", script=script)
-    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr[-2000:]
-    assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(b, sub))) <= 1e-6
+    a, b, c = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")
+    ok(run(*args, "--out", a, script=script))
+    if stage != "distill":  # kill -9 (the plain student runs the same loop as DMD's)
+        p = _start(args, b, script)
+        assert _wait_for(os.path.join(b, sub, "ckpt-0000002", "manifest.json"), p)
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        assert p.returncode == -signal.SIGKILL
+        assert not os.path.exists(os.path.join(b, sub, LORA_FILE))
+        # a checkpoint cut off mid-write (no state.pt) and a temporary folder are ignored
+        os.makedirs(os.path.join(b, sub, "ckpt-0000099"))
+        open(os.path.join(b, sub, "ckpt-0000099", "adapter.safetensors"), "wb").write(b"x")
+        os.makedirs(os.path.join(b, sub, ".tmp-ckpt-0000100-1"))
+        open(os.path.join(b, sub, ".tmp-ckpt-0000100-1", "state.pt"), "wb").write(b"x")
+        r = run(*args, "--out", b, script=script)  # without --resume: refused, nothing touched
+        assert r.returncode == 2 and "--resume" in r.stderr
+        r = ok(run(*args, "--out", b, "--resume", script=script))
+        assert "resumed" in r.stdout
+        assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(b, sub))) <= 1e-6
+    term = [*args, "--save_every", "100"]
+    p = _start(term, c, script)
+    assert _wait_for(os.path.join(c, sub, "metrics.jsonl"), p, lambda t: '"grad_norm"' in t)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    seconds = time.time() - t0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert p.returncode == 75 and seconds < 30, (p.returncode, err[-2000:])
+    assert lines[-1].startswith("stopped at step ") and "--resume continues" in lines[-1]
+    step = int(lines[-1].split()[3].rstrip(","))
+    assert step < 6 and (stage != "teacher" or step % 2 == 0)  # a teacher: its epoch's end
+    assert os.path.isdir(os.path.join(c, sub, f"ckpt-{step:07d}"))
+    assert not os.path.exists(os.path.join(c, sub, LORA_FILE))
+    r = ok(run(*term, "--out", c, "--resume", script=script))
+    assert f"resumed {os.path.join(c, sub)} at step {step}" in r.stdout
+    assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(c, sub))) <= 1e-6
 
 
 def test_same_seed_same_weights_other_seed_not(tmp_path):
@@ -137,7 +158,7 @@ def test_resume_with_nothing_saved_says_so(tmp_path):
 
 def _start(args, out, script="opd.py"):
     return subprocess.Popen([sys.executable, script, *args, "--out", out], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path, p, pred=lambda text: True, timeout=300):
@@ -149,42 +170,6 @@ def _wait_for(path, p, pred=lambda text: True, timeout=300):
             return True
         time.sleep(0.01)
     return False
-
-
-@pytest.mark.parametrize("stage", ["teacher", "distill", "dmd"])
-def test_sigterm_writes_a_checkpoint_and_resume_equals_uninterrupted(stage, tmp_path, teacher_dir):
-    """kill -TERM after the first optimizer step (a teacher: mid-epoch, its epoch has two):
-    the step in flight finishes, a checkpoint is written, one line, exit code 75, well inside
-    30 s; --resume then gives the uninterrupted run's LoRA. A DMD student has a helper adapter
-    (the fake score) restored with its optimizer."""
-    import signal
-    import time
-    args = ["--stage", "teacher" if stage == "teacher" else "distill", "--optim_steps", "6",
-            *SMALL, "--save_every", "100"]
-    if stage != "teacher":
-        args += ["--teachers", f"color={teacher_dir}"]
-    if stage == "dmd":
-        args += ["--loss", "dmd"]
-    script = "baselines.py" if stage == "dmd" else "opd.py"
-    sub = {"teacher": "teacher-color", "distill": "student", "dmd": "student-dmd"}[stage]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    ok(run(*args, "--out", a, script=script))
-    p = _start(args, b, script)
-    assert _wait_for(os.path.join(b, sub, "metrics.jsonl"), p, lambda t: '"grad_norm"' in t)
-    t0 = time.time()
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    seconds = time.time() - t0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert p.returncode == 75 and seconds < 30, (p.returncode, err[-2000:])
-    assert lines[-1].startswith("stopped at step ") and "--resume continues" in lines[-1]
-    step = int(lines[-1].split()[3].rstrip(","))
-    assert step < 6 and (stage != "teacher" or step % 2 == 0)  # a teacher stops at its epoch's end
-    assert os.path.isdir(os.path.join(b, sub, f"ckpt-{step:07d}"))
-    assert not os.path.exists(os.path.join(b, sub, LORA_FILE))
-    r = ok(run(*args, "--out", b, "--resume", script=script))
-    assert f"resumed {os.path.join(b, sub)} at step {step}" in r.stdout
-    assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(b, sub))) <= 1e-6
 
 
 def test_corrupt_latest_checkpoint_resumes_from_the_one_before(tmp_path):
