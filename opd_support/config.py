@@ -110,6 +110,7 @@ class Config:
     eval_batch: int = arg(16, num(int, 1), "images per forward")
     eval_prompts: int = arg(0, num(int, 0), "at most this many test prompts per task (0 = all)")
     eval_seeds: int = arg(4, num(int, 1, 1000), "images per test prompt (GenEval uses 4)")
+    val_seeds: int = arg(8, num(int, 1, 1000), "images per validation prompt (--eval_every)")
     export_geneval: bool = arg(False, FLAG, "also write <out>/geneval/<model>/ for GenEval")
     # runs, memory, speed
     log_to: str = arg("", names(("tensorboard", "wandb"), empty_ok=True),

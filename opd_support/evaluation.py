@@ -40,7 +40,8 @@ def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None, split
     for t in tasks:
         test = t.val if split == "val" else t.test
         test = test[: cfg.eval_prompts] if cfg.eval_prompts else test
-        test = [p for p in test for _ in range(cfg.eval_seeds)]
+        seeds = cfg.val_seeds if split == "val" else cfg.eval_seeds
+        test = [p for p in test for _ in range(seeds)]
         mine = list(range(rank, len(test), world))
         model.encode(list(dict.fromkeys(test[i] for i in mine)))  # one visit of the encoders
         imgs = sample_images(model, adapter, [test[i] for i in mine], mine, cfg, guidance)
@@ -52,10 +53,10 @@ def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None, split
         if export and t.name == "geneval":
             import rewards
             rewards.export_geneval(export, [t.meta[test[i]] for i in mine],
-                                   [i // cfg.eval_seeds for i in mine],
-                                   [i % cfg.eval_seeds for i in mine], imgs)
+                                   [i // seeds for i in mine],
+                                   [i % seeds for i in mine], imgs)
         if grid is not None:
-            two = [0, cfg.eval_seeds][: len(test) // cfg.eval_seeds]
+            two = [0, seeds][: len(test) // seeds]
             grid.append((imgs[[mine.index(i) for i in two]] if world == 1 else
                          sample_images(model, adapter, [test[i] for i in two], two, cfg, guidance),
                          [test[i] for i in two]))
