@@ -91,7 +91,8 @@ class Args(Config):
                        "compare: each method's lr from these multiples of its default, chosen on "
                        "the validation prompts (the first of --seeds chooses for all)")
     lr_choice: str = arg("", text(True, _choice_ok, "a JSON object"),
-                         "compare: {run: multiple} chosen before (set by --seeds)")
+                         "compare: {run: multiple} chosen before (later seeds add the first "
+                         "seed's grid)")
 
     def relations(self, stage):
         a = self.noise_level
@@ -520,7 +521,7 @@ def student(cfg, model, tasks, dirs, name=None):
 
 
 # ------------------------------------------------------------------------------ the comparison
-COMPARE_CAPS = {"tiny": dict(teacher=120, distill=80, joint=150),    # optimizer steps at most:
+COMPARE_CAPS = {"tiny": dict(teacher=60, distill=40, joint=60),      # optimizer steps at most:
                 "real": dict(teacher=2000, distill=1000, joint=4000)}  # --plateau stops before
 COMPARE_PLATEAU, COMPARE_EVERY = "3,0.003", 10  # unless --plateau / --eval_every are given
 
@@ -684,7 +685,9 @@ def run(cfg):
         c = dataclasses.replace(cfg, seed=s, out=os.path.join(cfg.out, f"seed-{s}"))
         extra = {"dirs": runs.teacher_dirs(cfg, names)} if cfg.stage == "noise" else {}
         if cfg.stage == "compare" and s != seeds[0]:  # the learning rates seed 0 chose
-            c = dataclasses.replace(c, lr_choice=lr_choice(cfg.out, seeds[0]))
+            chosen = {**json.loads(cfg.lr_choice or "{}"),  # --lr_choice, then seed 0's grid
+                      **json.loads(lr_choice(cfg.out, seeds[0]))}
+            c = dataclasses.replace(c, lr_choice=json.dumps(chosen))
         stage(c, model, tasks, **extra)
     if rank_world()[0] == 0:
         if cfg.stage == "compare":
