@@ -685,9 +685,7 @@ def run(cfg):
         c = dataclasses.replace(cfg, seed=s, out=os.path.join(cfg.out, f"seed-{s}"))
         extra = {"dirs": runs.teacher_dirs(cfg, names)} if cfg.stage == "noise" else {}
         if cfg.stage == "compare" and s != seeds[0]:  # the learning rates seed 0 chose
-            chosen = {**json.loads(cfg.lr_choice or "{}"),  # --lr_choice, then seed 0's grid
-                      **json.loads(lr_choice(cfg.out, seeds[0]))}
-            c = dataclasses.replace(c, lr_choice=json.dumps(chosen))
+            c = dataclasses.replace(c, lr_choice=lr_choice(cfg.out, seeds[0], cfg.lr_choice))
         stage(c, model, tasks, **extra)
     if rank_world()[0] == 0:
         if cfg.stage == "compare":
@@ -696,11 +694,13 @@ def run(cfg):
             reports.noise_seeds(cfg.out, seeds)
 
 
-def lr_choice(out, seed):
-    """{run: the multiple of its default lr chosen} from <out>/seed-<seed>/lr.json, as JSON."""
+def lr_choice(out, seed, given=""):
+    """{run: the multiple of its default lr}: given (--lr_choice's JSON), then what the grid of
+    <out>/seed-<seed>/lr.json chose; as JSON."""
     path = os.path.join(out, f"seed-{seed}", "lr.json")
     chosen = json.load(open(path)) if os.path.isfile(path) else {}
-    return json.dumps({k: v["multiple"] for k, v in chosen.items()})
+    return json.dumps({**json.loads(given or "{}"),
+                       **{k: v["multiple"] for k, v in chosen.items()}})
 
 
 def parse_args(argv=None):

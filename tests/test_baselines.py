@@ -140,6 +140,18 @@ def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
                                            adapter_name="s")
 
 
+def test_later_seeds_train_the_first_seeds_choice_and_the_given_one(tmp_path):
+    """--seeds: a later seed trains what --lr_choice gave and what the first seed's grid chose
+    (the grid's choice wins for a run in both)."""
+    os.makedirs(tmp_path / "seed-0")
+    (tmp_path / "seed-0" / "lr.json").write_text(json.dumps(
+        {"student": {"multiple": 2.0, "lr": 6e-3, "scores": {"1": 0.1, "2": 0.2}},
+         "teacher-a": {"multiple": 1.0, "lr": 1e-3, "scores": {"1": 0.3, "2": 0.2}}}))
+    got = json.loads(baselines.lr_choice(str(tmp_path), 0, '{"teacher-b": 2, "student": 1}'))
+    assert got == {"teacher-b": 2, "student": 2.0, "teacher-a": 1.0}
+    assert json.loads(baselines.lr_choice(str(tmp_path / "none"), 0, "")) == {}
+
+
 def test_compare_seeds_summary_by_hand(tmp_path):
     """Mean, sample sd and OPD's paired differences over seeds' tables, against a hand computation
     on made-up tables; a difference with the same sign in every seed and |mean| > sd is starred,
