@@ -237,8 +237,13 @@ def anytime_figure(out, table, tasks):
     for ax in axes:
         ax.axhline(1, c="grey", lw=0.5)
         ax.set_ylabel("validation: share of the teachers' gains")
+        low = min(p[2] for c in curves.values() for p in c)
+        ax.set_ylim(max(low, -1) - 0.05, None)  # a share far below 0 (a task a method unlearnt
+        if low < -1:                            # whose teacher gained little) would hide the rest
+            ax.set_title(f"axis cut at -1 (lowest point {low:.1f})", fontsize=8)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{out}: tasks {', '.join(tasks)}", fontsize=9)
+    where = os.path.join(*os.path.normpath(out).split(os.sep)[-2:])
+    fig.suptitle(f"{where}: tasks {', '.join(tasks)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "anytime.png"), dpi=110)
     plt.close(fig)
