@@ -234,12 +234,12 @@ def anytime_figure(out, table, tasks):
                         label="paper: OPD's cost = 97/130 of joint RL's")
     axes[0].set_xlabel("trained forwards (a student's after its teachers')")
     axes[1].set_xlabel("training seconds (a student's after its teachers')")
-    for ax in axes:
-        ax.axhline(1, c="grey", lw=0.5)
+    low = min(p[2] for c in curves.values() for p in c)  # a share far below 0 (a task a method
+    for ax in axes:                                         # unlearnt whose teacher gained little)
+        ax.axhline(1, c="grey", lw=0.5)                     # would hide the rest: cut at -1
         ax.set_ylabel("validation: share of the teachers' gains")
-        low = min(p[2] for c in curves.values() for p in c)
-        ax.set_ylim(max(low, -1) - 0.05, None)  # a share far below 0 (a task a method unlearnt
-        if low < -1:                            # whose teacher gained little) would hide the rest
+        ax.set_ylim(max(low, -1) - 0.05, None)
+        if low < -1:
             ax.set_title(f"axis cut at -1 (lowest point {low:.1f})", fontsize=8)
     axes[0].legend(fontsize=7)
     where = os.path.join(*os.path.normpath(out).split(os.sep)[-2:])
