@@ -288,9 +288,7 @@ def guarded_step(opt, params, grad_clip, max_bad, bad, rank):
 # ------------------------------------------------------------------------------ entry points
 def main(run, parse, argv=None):
     """run(parse(argv)) with bad input as one line on stderr and exit code 2 (nothing saved is lost:
-    every check runs before a stage writes). Multi-rank runs leave without interpreter shutdown:
-    gloo's worker threads stay alive to the end, and one still releasing the last collective's
-    tensors during finalisation aborts the process after a good run."""
+    every check runs before a stage writes); the process ends through leave()."""
     import signal
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends quietly
     code, t0 = 0, time.time()
@@ -309,6 +307,14 @@ def main(run, parse, argv=None):
             raise
         print(f"error: {e.filename}: {e.strerror}", file=sys.stderr, flush=True)
         code = 2
+    leave(code)
+
+
+def leave(code=0):
+    """End the process with exit code `code`. A multi-rank process closes its process group and
+    ends without interpreter shutdown: gloo's worker threads stay alive to the end, and one still
+    releasing the last collective's tensors during finalisation aborts the process ('terminate
+    called without an active exception') after a good run."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
         sys.stdout.flush()
