@@ -277,7 +277,7 @@ def test_import_has_no_side_effects_and_imports_run_one_way():
     scripts = {"opd", "baselines", "bench", "sanity"}
     assert not imports["opd"] & scripts
     assert all(not imports[m] & scripts for m in mods if m.startswith("opd_support."))
-    for f in mods.values():  # opd._name or from opd import _name
+    for f in mods.values():  # a private name of opd, as an attribute or a from-import
         text = open(os.path.join(HERE, f)).read()
         assert f == "opd.py" or not re.search(r"\bopd\._|from opd import[^\n]*\b_", text), f
 
