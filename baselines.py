@@ -53,6 +53,7 @@ from opd_support import evaluation, reports, runs
 from opd_support.config import ATTN, TINY_TARGETS, Config, model_kind, parse_config, resolve
 from opd_support.machinery import chunks, gather, main as cli, rank_world, rng, say
 from opd_support.checkpoints import write_text
+from opd_support.loras import run_info
 from opd_support.options import arg, names, one_of, text
 from opd_support.prompts import draw_prompts
 from opd_support.sd3 import sd3_sigmas
@@ -157,7 +158,7 @@ def sft_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
     """The paper's SFT: the teacher samples x0 (ODE, its own CFG) from the noise x; the student
     is trained by flow matching on it: t ~ U(0, 1), x_t = (1 - t) x0 + t eps, loss
     mean (v_S(x_t) - (eps - x0))^2, as many times (each with fresh t and eps) as OPD trains steps,
-    so both make the same number of trained forwards. The velocity trained is the student's
+    so both make the same number of passes with grad. The velocity trained is the student's
     guided one, the velocity it samples with (as every student here)."""
     x0 = rollout(teacher, x, sampler.sigmas, 0.0)["states"][:, -1]  # (B, C, h, w)
     logged, n = 0.0, len(sampler.loss_steps)
@@ -473,11 +474,6 @@ def tdm_round(cfg, model, tasks, r, run, guidance):
 
 TRAJECTORIES = {"sft": sft_trajectory, "offpolicy": offpolicy_trajectory,
                 "dance": dance_trajectory}
-TRAINED_FORWARDS = {  # per trajectory: the student's forwards with a loss (DMD: + the fake's)
-    "sft": lambda c: len(opd.sampler_of(c).loss_steps),
-    "offpolicy": lambda c: len(opd.sampler_of(c).loss_steps),
-    "flow": lambda c: len(opd.sampler_of(c).loss_steps),
-    "dance": lambda c: 1, "dmd": lambda c: 1 + DMD_FAKE_UPDATES, "tdm": lambda c: 2}
 ROUNDS = {**dict.fromkeys(TRAJECTORIES, trajectory_round), "flow": flow_round,
           "dmd": dmd_round, "tdm": tdm_round}
 
@@ -503,10 +499,8 @@ def distill_baseline(cfg, model, tasks, teacher_dirs, name):
         losses = ROUNDS[cfg.loss](cfg, model, tasks, r, run, guidance)
         grad_norm = runs.optimizer_step(cfg, run)
         run.ema.step(r + 1)
-        run.count(cfg, cfg.batch_size * len(tasks), TRAINED_FORWARDS[cfg.loss](cfg))
         run.elapsed += time.perf_counter() - t0
-        run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm,
-                elapsed=round(run.elapsed, 3), forwards=run.forwards)
+        run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm)
         runs.checkpoint(cfg, model, run, r, r + 1)
     evaluation.validate(cfg, model, tasks, run, None)
     runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
@@ -521,8 +515,8 @@ def student(cfg, model, tasks, dirs, name=None):
 
 
 # ------------------------------------------------------------------------------ the comparison
-COMPARE_CAPS = {"tiny": dict(teacher=60, distill=40, joint=60),      # optimizer steps at most:
-                "real": dict(teacher=2000, distill=1000, joint=4000)}  # --plateau stops before
+COMPARE_CAPS = {"tiny": dict(teacher=60, distill=40, joint=150),     # optimizer steps at most:
+                "real": dict(teacher=2000, distill=1000, joint=6000)}  # --plateau stops before
 COMPARE_PLATEAU, COMPARE_EVERY = "3,0.003", 10  # unless --plateau / --eval_every are given
 
 
@@ -571,8 +565,8 @@ def compare(cfg, model, tasks):
     stops improving (--plateau; a cap of optimizer steps) with its learning rate chosen from
     --lr_grid on the validation prompts: the teachers, then OPD and the students of the same
     teachers, joint RL with both algorithms, cascade NFT; then the table on the test prompts
-    (eval), budget.json (each method's trained forwards and seconds) and the figures
-    anytime.png (validation average against trained forwards) and conflict.png."""
+    (eval), budget.json (each method's compute and seconds) and the figures
+    anytime.png (validation average against compute) and conflict.png."""
     names, kind = [t.name for t in tasks], model_kind(cfg.model)
     caps = {k: cfg.optim_steps or v for k, v in COMPARE_CAPS[kind].items()}  # --optim_steps
     cfg = dataclasses.replace(cfg, eval_every=cfg.eval_every or COMPARE_EVERY,
@@ -608,20 +602,25 @@ def compare(cfg, model, tasks):
                        caps["distill"])
             tuned(cfg, c, f"student-{loss}",
                   lambda c, n: student(c, model, tasks, dirs, n), share_of_gains)
-    steps = [json.load(open(os.path.join(dirs[t], "run.json")))["steps"] for t in names]
+    steps = [run_info(dirs[t], "steps", 0) for t in names]
+    opd_cost = sum(run_info(dirs[t], "cost", 0) for t in names) + (
+        run_info(os.path.join(cfg.out, "student"), "cost", 0) if "opd" in methods else 0)
     for algo, stage in [("grpo_guard", "joint"), ("nft", "joint"), ("nft", "cascade")]:
         if f"{stage}-{algo}" not in methods:
             continue
         c = rl_config(dataclasses.replace(cfg, algo=algo, log_conflict=stage == "joint"), stage)
         K = c.updates_per_epoch
-        c = capped(c, caps["joint"]) if stage == "joint" else \
+        # joint RL: no plateau stop before it has spent OPD's whole compute (teachers + student)
+        c = dataclasses.replace(capped(c, caps["joint"]), min_cost=opd_cost) if \
+            stage == "joint" else \
             dataclasses.replace(c, plateau="", optim_steps=math.ceil(sum(steps) / K) * K)
         train = joint if stage == "joint" else cascade
         tuned(cfg, c, f"{stage}-{algo}", lambda c, n, train=train: train(c, model, tasks, n),
               share_of_gains)
+    t0 = time.perf_counter()
     table = evaluation.evaluate(resolve(cfg, "eval"), model, tasks)
     if rank_world()[0] == 0:
-        reports.budget(cfg.out, table, names)
+        reports.budget(cfg.out, table, names, eval_seconds=time.perf_counter() - t0)
         reports.anytime_figure(cfg.out, table, names)
         reports.conflict_figure(cfg.out, names)
     return table

@@ -351,10 +351,9 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
                 run.conflict.mark(task.name, 2 * k // len(parts))  # --log_conflict: halves
         grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks too
         run.ema.step(r + 1)
-        run.count(cfg, cfg.batch_size * len(tasks), len(sampler.loss_steps))
         run.elapsed += time.perf_counter() - t0
         run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm,
-                elapsed=round(run.elapsed, 3), forwards=run.forwards, **run.conflict_row)
+                **run.conflict_row)
         runs.checkpoint(cfg, model, run, r, r + 1)
     evaluation.validate(cfg, model, tasks, run, None)
     runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
@@ -379,10 +378,11 @@ def rl_sample(cfg, model, tasks, first, run):
     Each image is scored by its own task's reward and its advantage computed within its prompt's
     group (NFT: with the std of the task's batch), so the tasks' reward scales never mix. (NFT
     samples with the noise level of its defaults row, 0.)
-    Returns ([Samples] of this rank, {task: mean reward})."""
+    Returns ([Samples] of this rank, {task: mean reward}, {task: the share of its groups whose
+    images all scored the same: their advantages are 0, they give no gradient})."""
     G, nft = cfg.group_size, cfg.algo == "nft"
     n = cfg.updates_per_epoch * cfg.batch_size  # the epoch's trajectories per task, all ranks
-    sigmas, samples, rewards = sd3_sigmas(cfg.sampler_steps), [], {}
+    sigmas, samples, rewards, flat = sd3_sigmas(cfg.sampler_steps), [], {}, {}
     for i, task in enumerate(tasks):  # the epoch's prompts: draw number first // K
         draw = first // cfg.updates_per_epoch
         prompts = [p for p in draw_prompts(cfg, task, draw, i, n // G) for _ in range(G)]
@@ -398,8 +398,9 @@ def rl_sample(cfg, model, tasks, first, run):
         r_all = gather(score(task, images, mine).to(model.device), run.world).cpu()
         adv = group_advantages(r_all, torch.arange(len(prompts)) // G, global_std=nft)
         rewards[task.name] = r_all.mean().item()
+        flat[task.name] = (r_all.view(-1, G).std(1) == 0).float().mean().item()
         samples.append(Samples(task.name, mine, traj, runs.my_share(adv, run).to(model.device)))
-    return samples, rewards
+    return samples, rewards, flat
 
 
 def grpo_guard_update(cfg, model, samples, rows, run):
@@ -450,8 +451,8 @@ def nft_update(cfg, model, samples, rows, step, run):
             v, v_old = (model.velocity(a, ps, cfg.guidance) for a in ("policy", "old"))
             v_ref = model.velocity(None, ps, cfg.guidance)  # the base: adapters off
             times = nft_timesteps(len(idx), N, g)
-            for k in range(N - 1):
-                t = sigmas[times[:, k]].to(x0.device)  # (B,) each sample's own time
+            for col in range(N - 1):  # the col-th trained time of each sample
+                t = sigmas[times[:, col]].to(x0.device)  # (B,) each sample's own time
                 eps = torch.randn(x0.shape, generator=g).to(x0.device)
                 x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * eps
                 with torch.no_grad():
@@ -491,7 +492,7 @@ def train_rl(cfg, model, schedule, name):
             break
         t0, tasks = time.perf_counter(), schedule[first // K]
         runs.embed_epoch_prompts(cfg, model, schedule, first)
-        samples, rewards = rl_sample(cfg, model, tasks, first, run)
+        samples, rewards, flat = rl_sample(cfg, model, tasks, first, run)
         order = torch.randperm(K * b, generator=rng(cfg.seed, "shuffle", run.rank, step=first))
         for u, step in enumerate(range(first, first + K)):  # K updates of batch_size each
             rows = order[u * b:(u + 1) * b]
@@ -499,12 +500,11 @@ def train_rl(cfg, model, schedule, name):
                 if cfg.algo == "grpo_guard" else nft_update(cfg, model, samples, rows, step, run)
             grad_norm = runs.optimizer_step(cfg, run)
             run.ema.step(step + 1)
-            run.count(cfg, cfg.batch_size * len(tasks), cfg.sampler_steps - 1)
             now = time.perf_counter()
             run.elapsed, t0 = run.elapsed + now - t0, now
-            sampled = {f"reward_{k}": v for k, v in rewards.items()} if u == 0 else {}
-            run.log(step=step + 1, **sampled, grad_norm=grad_norm, **stats,
-                    elapsed=round(run.elapsed, 3), forwards=run.forwards, **run.conflict_row)
+            sampled = {**{f"reward_{k}": v for k, v in rewards.items()},
+                       **{f"flat_groups_{k}": v for k, v in flat.items()}} if u == 0 else {}
+            run.log(step=step + 1, **sampled, grad_norm=grad_norm, **stats, **run.conflict_row)
         with torch.no_grad():  # NFT's old adapter (run.aux; GRPO-Guard has none) follows:
             for p_old, p in zip(run.aux, run.params):  # theta_old <- d theta_old + (1 - d) theta
                 p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))

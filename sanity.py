@@ -127,7 +127,7 @@ def grpo_update(model, opt, task_prompts, g, meter, group=16, noise_level=0.7, c
                 loss = clipped_loss(ratio, adv[r], clip) / abs(float(SIGMAS[j + 1] - SIGMAS[j]))
                 (loss.sum() / len(p) / N).backward()
             meter.mark(task, half)
-    meter.before_step()
+    meter.before_step(opt)
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return rewards.mean().item()
@@ -142,7 +142,7 @@ def rl(model, tasks, updates, seed, lr=1e-3, conflict=None):
     meter = Meter(list(model.parameters()))
     for _ in range(updates):
         grpo_update(model, opt, {k: TASKS[k] for k in tasks}, g, meter)
-        row = meter.row(opt)
+        row = meter.row()
         if conflict is not None:
             conflict.append(row)
     return model
@@ -173,10 +173,10 @@ def opd(base, teachers, rounds, seed, noise_level=0.0, lr=1e-3, batch=256, log_e
                                    torch.randn(batch // 2, 2, generator=g), sampler, g,
                                    0.5 / len(teachers))
                 meter.mark(task, half)
-        meter.before_step()
+        meter.before_step(opt)
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        row = meter.row(opt)
+        row = meter.row()
         if conflict is not None:
             conflict.append(row)
     return student, curve

@@ -409,7 +409,7 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
     sig = opd.sd3_sigmas(3)
     try:
         one = runs.single_process()
-        samples, _ = opd.rl_sample(cfg, m, [task], 0, one)
+        samples, _, _ = opd.rl_sample(cfg, m, [task], 0, one)
         mine, traj, adv = samples[0].prompts, samples[0].traj, samples[0].advantages
 
         def losses(rows):  # the step-0 loss of these samples, both ratio forms, today's weights

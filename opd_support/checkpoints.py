@@ -190,7 +190,7 @@ def check_resume(run_dir, cfg, say=None):
 
 def checkpoint_state(cfg, step, opts, emas, aux, counters):
     """What state.pt holds besides the adapters' weights; counters: {name: number} to restore
-    (training seconds, trained forwards)."""
+    (training seconds, transformer passes)."""
     return {"step": step, "optimizers": [o.state_dict() for o in opts],
             "config": dataclasses.asdict(cfg), "emas": [[e.cpu() for e in m.shadow] for m in emas],
             "aux": [a.detach().cpu() for a in aux], "counters": counters,
@@ -216,4 +216,4 @@ def restore(ck, state, tr, names, opts, emas, aux):
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state.get("counters") or {"elapsed": state.get("elapsed", 0.0), "forwards": 0}
+    return {"elapsed": 0.0, "passes": {"grad": 0, "nograd": 0}, **state.get("counters", {})}

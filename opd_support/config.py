@@ -56,8 +56,9 @@ class Config:
     prompts: str = arg("", task_files(TASKS),
                        "real tasks: train prompts, txt or GenEval jsonl (default: built in)")
     test_prompts: str = arg("", task_files(TASKS), "real tasks: test prompts (built in)")
-    toy_wording: str = arg("word", one_of("word", "template"),
-                           "tiny: faded's prompts one word apart from vivid's, or a template")
+    toy_wording: str = arg("word", one_of("word", "template", "shared"),
+                           "tiny: faded's prompts one word apart from vivid's, another "
+                           "template, or exact's own prompts (shared)")
     reward: str = arg("", text(True, _reward_ok, "a reward spec (rewards.py --list)"),
                       "a reward spec in place of the task's")
     seed: int = arg(0, num(int, 0), "random seed (LoRA init, prompts, noise)")
@@ -66,6 +67,8 @@ class Config:
     plateau: str = arg("", text(True, _plateau_ok, "K,D or K,D,MIN like 3,0.005,40"),
                        "stop once the best of the last K validation averages beats the best "
                        "before them by less than D, not before step MIN (--optim_steps: the cap)")
+    min_cost: float = arg(0, num(float, 0), "--plateau: no stop before the run's compute "
+                          "(transformer passes, one with grad counting 2) reaches this")
     sampler_steps: int = arg(10, num(int, 2, 1000), "sampler steps N of a training rollout")
     loss_steps: str = arg("", text(True, _steps_ok, "steps like 0-8 or 0,2,4"),
                           "sampler steps with a loss (default: all but the last)")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import textwrap
+import time
 
 import torch
 
@@ -13,6 +14,7 @@ from opd_support.checkpoints import write_text
 from opd_support.loras import LORA_FILE, load_lora, run_info
 from opd_support.machinery import gather, rank_world, rng
 from opd_support.prompts import score
+from opd_support.runs import cost
 from opd_support.sd3 import drop_adapters, sd3_sigmas
 
 
@@ -31,10 +33,12 @@ def sample_images(model, adapter, prompts, seeds, cfg, guidance):
     return torch.cat(out)
 
 
-def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None, split="test"):
+def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None, split="test",
+             images=None):
     """{task: mean metric} of a model on each task's test (or validation) prompts, eval_seeds
     images a prompt (image i has seed i), split across ranks. grid: a list that receives, per
-    task, the first seed of two test prompts; export: a folder for GenEval's layout."""
+    task, the first seed of two test prompts; export: a folder for GenEval's layout; images: a
+    dict that receives, per task, [(prompt, metric)] of every image in order."""
     rank, world = rank_world()
     out = {}
     for t in tasks:
@@ -50,6 +54,10 @@ def held_out(cfg, model, tasks, adapter, guidance, grid=None, export=None, split
         pad[: len(r)] = r
         allr = gather(pad.to(model.device), world).cpu()
         out[t.name] = allr[~torch.isnan(allr)].mean().item()
+        if images is not None:  # rank k's i-th image is image k + i world
+            at = [k + i * world for k in range(world) for i in range(len(pad))]
+            ordered = sorted((i, float(r)) for i, r in zip(at, allr) if i < len(test))
+            images[t.name] = [(test[i], r) for i, r in ordered]
         if export and t.name == "geneval":
             import rewards
             rewards.export_geneval(export, [t.meta[test[i]] for i in mine],
@@ -73,14 +81,17 @@ def validate(cfg, model, tasks, run, step):
     due = run.val[-1][0] + cfg.eval_every <= step if run.val else True
     if not cfg.eval_every or not (due or end) or (run.val and run.val[-1][0] == step):
         return False
+    passes, t0 = dict(model.passes), time.perf_counter()
     with run.ema.applied():
         metrics = held_out(cfg, model, tasks, run.adapter, cfg.guidance, split="val")
+    model.passes.update(passes)  # validation is not the run's compute
     run.val.append((step, sum(metrics.values()) / len(metrics)))
-    run.log(step=step, elapsed=round(run.elapsed, 3), forwards=run.forwards, val=metrics)
+    run.log(step=step, val=metrics, val_seconds=round(time.perf_counter() - t0, 3))
     if cfg.plateau and not end:
         k, d, *least = cfg.plateau.split(",")
-        return step >= int((least or [0])[0]) and plateaued([v for _, v in run.val], int(k),
-                                                            float(d))
+        spent = cost(model.passes) >= cfg.min_cost  # --min_cost: an equal-compute comparison
+        return step >= int((least or [0])[0]) and spent and plateaued(
+            [v for _, v in run.val], int(k), float(d))
     return False
 
 
@@ -115,19 +126,31 @@ def evaluate(cfg, model, tasks, loras=None):
     for i, (name, d) in enumerate(models.items()):  # adapter names m0, m1, ... (any folder name)
         if d is not None:  # the run's folders, and --lora's (any layout, or hub ids)
             load_lora(model.tr, d, f"m{i}")
-    table, grid = {}, []
+    table, grid, images = {}, [], {}
     for i, (name, d) in enumerate(models.items()):
         model.active = "?"
         g = cfg.guidance if d is None else float(run_info(d, "guidance", cfg.guidance))
         export = os.path.join(cfg.out, "geneval", name) if cfg.export_geneval else None
+        images[name] = {}
         table[name] = held_out(cfg, model, tasks, None if d is None else f"m{i}", g, grid,
-                               export)
-        for k in ("seconds", "forwards", "steps"):  # the training's cost
+                               export, images=images[name])
+        for k in ("seconds", "cost", "steps"):  # the training's cost
             table[name][k] = 0 if d is None else run_info(d, k, 0)
     drop_adapters(model)
     if rank_world()[0] == 0:
         write_eval(cfg.out, table, [t.name for t in tasks], grid)
+        write_text(os.path.join(cfg.out, "eval_images.json"), json.dumps(per_image(images)))
     return table
+
+
+def per_image(images):
+    """{"prompts": {task: [the prompt of each image]}, "scores": {model: {task: [its metric on
+    each image]}}} from evaluate's {model: {task: [(prompt, metric)]}}: the images behind
+    eval.json's means (image i of a prompt has seed i in every model)."""
+    first = next(iter(images.values()))
+    return {"prompts": {t: [p for p, _ in v] for t, v in first.items()},
+            "scores": {m: {t: [round(r, 6) for _, r in v] for t, v in per.items()}
+                       for m, per in images.items()}}
 
 
 def normalised_mean(table, tasks, ref=None):

@@ -86,17 +86,17 @@ def compare_seeds(out, seeds, tasks):
     models = [n for n in tables[0] if all(n in t for t in tables)]
     cols = [*tasks, "avg"]
     per = [{n: {**{k: t[n][k] for k in tasks}, "avg": normalised_mean(t, tasks)[n],
-                "seconds": method_seconds(t)[n], "forwards": method_seconds(t, "forwards")[n]}
+                "seconds": method_seconds(t)[n], "cost": method_seconds(t, "cost")[n]}
             for n in models} for t in tables]
-    summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds", "forwards"]}
+    summary = {n: {k: spread([p[n][k] for p in per]) for k in [*cols, "seconds", "cost"]}
                for n in models}
     diffs = {n: {k: paired([p["student"][k] - p[n][k] for p in per]) for k in cols}
              for n in models if n != "student"}
     lines = [f"Seeds {','.join(map(str, seeds))}: mean ± sd over seeds.", "",
-             "| model | " + " | ".join(cols) + " | train time | trained forwards |",
+             "| model | " + " | ".join(cols) + " | train time | compute (passes) |",
              "|---" * (len(cols) + 3) + "|"]
     lines += [f"| {n} | " + " | ".join(pm(summary[n][k]) for k in cols) +
-              (f" | {pm(summary[n]['seconds'], 0)} s | {summary[n]['forwards']['mean']:,.0f} |"
+              (f" | {pm(summary[n]['seconds'], 0)} s | {summary[n]['cost']['mean']:,.0f} |"
                if any(summary[n]["seconds"]["values"]) else " | - | - |") for n in models]
     lines += ["", "OPD (student) minus each model, paired by seed (* : the same sign in every seed "
               "and |mean| > sd; ** : the 95% paired t-interval excludes 0):", "",
@@ -163,19 +163,33 @@ def noise_seeds(out, seeds):
 CONFLICT_RUNS = ("joint-grpo_guard", "joint-nft", "student")  # the runs with --log_conflict
 
 
-def budget(out, table, tasks):
-    """budget.json / budget.md: each model's optimizer steps, trained forwards and training
-    seconds, its own and its whole method's (a student's with its teachers')."""
-    secs, fwd = method_seconds(table), method_seconds(table, "forwards")
-    rows = {n: {"steps": r.get("steps", 0), "forwards": r.get("forwards", 0),
-                "method_forwards": fwd[n], "seconds": r.get("seconds", 0),
-                "method_seconds": secs[n]} for n, r in table.items() if n != "base"}
-    lines = ["| model | optimizer steps | trained forwards | seconds | method's forwards | "
+def budget(out, table, tasks, eval_seconds=0.0):
+    """budget.json / budget.md: each model's optimizer steps, compute (runs.cost), training and
+    validation seconds, its own and its whole method's (a student's with its teachers'); the
+    final evaluation's seconds and the process's CPU seconds so far (all threads)."""
+    import resource
+    secs, fwd = method_seconds(table), method_seconds(table, "cost")
+    rows = {n: {"steps": r.get("steps", 0), "cost": r.get("cost", 0),
+                "method_cost": fwd[n], "seconds": r.get("seconds", 0),
+                "method_seconds": secs[n], "val_seconds": val_seconds(os.path.join(out, n))}
+            for n, r in table.items() if n != "base"}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rows["process"] = {"eval_seconds": round(eval_seconds, 1),
+                       "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
+    lines = ["| model | optimizer steps | compute | seconds | method's compute | "
              "method's seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {r['steps']} | {r['forwards']:,} | {r['seconds']:.0f} | "
-              f"{r['method_forwards']:,} | {r['method_seconds']:.0f} |" for n, r in rows.items()]
+    lines += [f"| {n} | {r['steps']} | {r['cost']:,} | {r['seconds']:.0f} | "
+              f"{r['method_cost']:,} | {r['method_seconds']:.0f} |" for n, r in rows.items()
+              if n != "process"]
     write_text(os.path.join(out, "budget.json"), json.dumps(rows, indent=1))
     write_text(os.path.join(out, "budget.md"), "\n".join(lines) + "\n")
+
+
+def val_seconds(run_dir):
+    """The seconds a run spent on validation (its metrics.jsonl's val rows)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    return round(sum(r.get("val_seconds", 0) for r in rows), 1)
 
 
 GAIN_FLOOR = 0.01  # a teacher's gain below this (metric units) counts as this much
@@ -189,7 +203,7 @@ def gain_share(metrics, base, teachers, tasks):
 
 
 def anytime_curves(out, table, tasks):
-    """{model: [(trained forwards, seconds, share of the teachers' validation gains)]}, a
+    """{model: [(compute, seconds, share of the teachers' validation gains)]}, a
     student's costs starting after its teachers'; and the teachers' (base, final) validation."""
     runs_ = {n: held_out_curve(os.path.join(out, n)) for n in table
              if n != "base" and os.path.isfile(os.path.join(out, n, "metrics.jsonl"))}
@@ -198,14 +212,14 @@ def anytime_curves(out, table, tasks):
         return {}, {}, {}
     base = {t: teach[t][0][2][t] for t in tasks}
     final = {t: teach[t][-1][2][t] for t in tasks}
-    fwd0 = sum(table[f"teacher-{t}"].get("forwards", 0) for t in tasks)
+    fwd0 = sum(table[f"teacher-{t}"].get("cost", 0) for t in tasks)
     sec0 = sum(table[f"teacher-{t}"].get("seconds", 0) for t in tasks)
     out_ = {}
     for n, curve in runs_.items():
         if n.startswith("teacher-") or not curve or set(tasks) - set(curve[0][2]):
             continue
         rows = [json.loads(line) for line in open(os.path.join(out, n, "metrics.jsonl"))]
-        forwards = {r["step"]: r.get("forwards", 0) for r in rows if "val" in r}
+        forwards = {r["step"]: r.get("cost", 0) for r in rows if "val" in r}
         lead = (fwd0, sec0) if n.startswith("student") else (0, 0)
         out_[n] = [(lead[0] + forwards.get(s, 0), lead[1] + e, gain_share(v, base, final, tasks))
                    for s, e, v in curve]
@@ -214,7 +228,7 @@ def anytime_curves(out, table, tasks):
 
 def anytime_figure(out, table, tasks):
     """anytime.png: every method's validation average (the share of the teachers' gains,
-    mean over tasks) against cumulative trained forwards and against training seconds; OPD's
+    mean over tasks) against cumulative compute (runs.cost) and against training seconds; OPD's
     and the students' curves start after their teachers' cost; the dashed line marks the
     paper's cost ratio, OPD's ~97 GPU-hours against joint RL's ~130."""
     curves, _, _ = anytime_curves(out, table, tasks)
@@ -232,7 +246,7 @@ def anytime_figure(out, table, tasks):
     if joint:
         axes[0].axvline(joint[-1][0] * 97 / 130, ls="--", c="k", lw=0.8,
                         label="paper: OPD's cost = 97/130 of joint RL's")
-    axes[0].set_xlabel("trained forwards (a student's after its teachers')")
+    axes[0].set_xlabel("compute, transformer passes (a student's after its teachers')")
     axes[1].set_xlabel("training seconds (a student's after its teachers')")
     low = min(p[2] for c in curves.values() for p in c)  # a share far below 0 (a task a method
     for ax in axes:                                         # unlearnt whose teacher gained little)

@@ -161,8 +161,7 @@ class Run:
     start: int = 0
     step: int = 0                                      # optimizer steps done
     elapsed: float = 0.0                               # training seconds (evaluation excluded)
-    forwards: int = 0                                  # trained forwards (trajectories x steps
-                                                       # with a loss x CFG rows), all ranks
+    model: object = None                               # the SD3 wrapper: its passes count
     bad_steps: int = 0                                 # non-finite steps in a row
     extra: dict = dataclasses.field(default_factory=dict)  # name -> Adapter (a baseline's)
     aux: list = dataclasses.field(default_factory=list)    # weights restored exactly (NFT's old)
@@ -172,8 +171,9 @@ class Run:
     trackers: object = None                            # --log_to: TensorBoard, W&B (rank 0)
 
     def log(self, **row):
-        """A row of metrics.jsonl (rank 0), and of --log_to's trackers; a training row gets
-        the learning rate."""
+        """A row of metrics.jsonl (rank 0), and of --log_to's trackers, with the training
+        seconds and compute so far; a training row gets the learning rate."""
+        row = {**row, "elapsed": round(self.elapsed, 3), "cost": cost(self.model.passes)}
         if self.rank == 0:
             if "grad_norm" in row:
                 row["lr"] = self.opt.param_groups[0]["lr"]
@@ -181,9 +181,17 @@ class Run:
             if self.trackers:
                 self.trackers.log(row)
 
-    def count(self, cfg, trajectories, steps):
-        """Count the trained forwards of trajectories x steps (x 2 rows with CFG)."""
-        self.forwards += trajectories * steps * (2 if cfg.guidance != 1 else 1)
+
+
+GRAD_PASS = 2  # a pass with grad, in forward passes: forward + backward through the frozen base
+#                (activation gradients only: a LoRA needs no gradient of the base's weights)
+
+
+def cost(passes):
+    """A run's compute in forward passes of the transformer (one row each: an image, or one
+    half of CFG), every pass it ran (rollouts, teachers, old and reference models, fake scores),
+    a pass with grad counting GRAD_PASS; the text encoders and the VAE are not counted."""
+    return passes["nograd"] + GRAD_PASS * passes["grad"]
 
 
 def prepare(run_dir, cfg, rank, what):
@@ -234,7 +242,8 @@ def start_run(cfg, model, name, adapter, aux=(), extra=None):
         made[n] = Adapter(p, torch.optim.AdamW(p, **{**adamw, **settings}), clip)
     own = made.pop(adapter)
     run = Run(run_dir, adapter, own.params, own.opt, EMA(own.params, cfg.ema, cfg.ema_every),
-              rank, world, extra=made, aux=aux_params)
+              rank, world, extra=made, aux=aux_params, model=model)
+    model.passes.update(grad=0, nograd=0)  # this run's own compute from here
     model.trainable, model.active = run.params, "?"  # the next model.use sets requires_grad
     if cfg.log_conflict:
         run.conflict = conflict.Meter(run.params, world)
@@ -245,7 +254,8 @@ def start_run(cfg, model, name, adapter, aux=(), extra=None):
         counters = ck.restore(folder, state, model.tr, names,
                               [own.opt, *(a.opt for a in made.values())], [run.ema], aux_params)
         run.start = run.step = state["step"]
-        run.elapsed, run.forwards = counters["elapsed"], counters["forwards"]
+        run.elapsed = counters["elapsed"]
+        model.passes.update(counters["passes"])
         run.val = resumed_metrics(run)
         say(rank, f"resumed {run_dir} at step {run.start}")
     watch_stop_signals()
@@ -268,11 +278,11 @@ def optimizer_step(cfg, run, adapter=None):
     ranks, clip, step; a non-finite step is skipped, too many in a row abort. Returns the
     gradient norm before clipping; with --log_conflict, run.conflict_row the step's cosines."""
     if adapter is None:
-        run.conflict.before_step()
+        run.conflict.before_step(run.opt)
         average_gradients(run.params, run.world)
         norm, run.bad_steps = guarded_step(run.opt, run.params, cfg.grad_clip, cfg.max_bad_steps,
                                            run.bad_steps, run.rank)
-        run.conflict_row = run.conflict.row(run.opt)
+        run.conflict_row = run.conflict.row()
         return norm
     a = run.extra[adapter]
     average_gradients(a.params, run.world)
@@ -318,7 +328,7 @@ def checkpoint(cfg, model, run, first, end):
         names = [run.adapter, *run.extra]
         state = ck.checkpoint_state(cfg, end, [run.opt, *(a.opt for a in run.extra.values())],
                                     [run.ema], run.aux,
-                                    {"elapsed": run.elapsed, "forwards": run.forwards})
+                                    {"elapsed": run.elapsed, "passes": dict(model.passes)})
         ck.save_checkpoint(run.dir, end, [adapter_state(model.tr, n) for n in names], state)
     if stop:
         barrier(run.world)
@@ -328,7 +338,8 @@ def checkpoint(cfg, model, run, first, end):
 
 def finish_run(cfg, model, run, trajectories):
     """The stage's final LoRA (its EMA; the file's existence marks the stage done), config.json
-    and run.json (optimizer steps, training seconds, sampled trajectories, trained forwards),
+    and run.json (optimizer steps, training seconds, sampled trajectories, transformer passes
+    and compute),
     after checking that every rank holds the same weights (the extra adapters too); the
     adapters are dropped."""
     for name, a in run.extra.items():
@@ -340,7 +351,8 @@ def finish_run(cfg, model, run, trajectories):
                       json.dumps(dataclasses.asdict(cfg), indent=1))
         ck.write_text(os.path.join(run.dir, "run.json"),
                       json.dumps({"steps": run.step, "seconds": round(run.elapsed, 2),
-                                  "trajectories": trajectories, "forwards": run.forwards}))
+                                  "trajectories": trajectories, "passes": model.passes,
+                                  "cost": cost(model.passes)}))
         save_lora(run.dir, model.tr, run.adapter)
         if run.trackers:
             run.trackers.close()

@@ -70,6 +70,9 @@ class SD3:
         self.cache, self.cache_bytes = collections.OrderedDict(), 0  # prompt -> (emb, pooled), CPU
         self.active, self.layers, self.layers_key = "?", [], None
         self.trainable = []  # the adapter weights being trained
+        # transformer rows (one image, one CFG half) run with and without grad: a run's compute
+        # (runs.start_run sets it to the run's own count; validation leaves it unchanged)
+        self.passes = {"grad": 0, "nograd": 0}
         side = cfg.resolution // pipe.vae_scale_factor
         self.latent = (self.tr.config.in_channels, side, side)
         if cfg.grad_checkpointing:
@@ -155,6 +158,7 @@ class SD3:
             tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1) * 1000  # () or (B,) times
             tt = (torch.cat([tt, tt]) if guidance != 1 and len(tt) > 1 else tt).to(self.device)
             tt = tt.expand(len(xin))
+            self.passes["grad" if torch.is_grad_enabled() else "nograd"] += len(xin)
             with autocast:  # the transformer's timestep input is 1000 t
                 out = self.tr(hidden_states=xin.to(self.dtype), timestep=tt,
                               encoder_hidden_states=emb, pooled_projections=pooled,

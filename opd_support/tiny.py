@@ -33,7 +33,8 @@ FORMS = {  # the caption forms of each model's pretraining images, drawn uniform
 WORDS = ["a", "bright", "on", "the", "picture", "of"]  # besides colours, sides, subjects, ...
 CONFLICT_WORDS = ["vivid", "faded", "pale", "washed", "out"]  # tiny-conflict's too
 FADED = {"word": "a faded {c} {s}",  # --toy_wording: one word apart from vivid's prompts,
-         "template": "a pale washed out picture of a {c} {s}"}  # or another template
+         "template": "a pale washed out picture of a {c} {s}",  # or another template,
+         "shared": "a {c} {s}"}  # or exact's own prompts: grey and the pure colour both asked
 
 
 def toy_prompts(name, wording="word"):

@@ -36,9 +36,9 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
     b = task("b", 1000.0, ["a bright cat on the left", "a bright dog on the right"])
     m.trainable = sd3.add_lora(m.tr, "policy", cfg)
     try:
-        batches, rewards_ = opd.rl_sample(cfg, m, [a, b], 0, ONE)
+        batches, rewards_, _ = opd.rl_sample(cfg, m, [a, b], 0, ONE)
         seen_b = seen.pop("b")
-        alone, _ = opd.rl_sample(cfg, m, [a], 0, ONE)
+        alone, _, _ = opd.rl_sample(cfg, m, [a], 0, ONE)
     finally:
         sd3.drop_adapters(m)
     assert set(seen["a"]) <= set(a.train) and set(seen_b) <= set(b.train) and len(seen_b) == 4
@@ -51,7 +51,7 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
 def test_compare_runs_every_method_tiny(tmp_path):
     """--stage compare at toy sizes: teachers, OPD and every student of the same teachers, joint
     RL with both algorithms, cascade NFT; each with its validation curve; one table with every
-    model, its time and trained forwards; budget.md, anytime.png, conflict.json / .png; every
+    model, its time and compute; budget.md, anytime.png, conflict.json / .png; every
     LoRA loads with diffusers' load_lora_weights and changes the model's output. Then the
     learning rate chosen from a grid on the validation prompts (OPD), the runs reused."""
     out = str(tmp_path / "cmp")
@@ -63,11 +63,15 @@ def test_compare_runs_every_method_tiny(tmp_path):
     rows = ["base", "teacher-color", "teacher-jpeg", "joint-grpo_guard", "joint-nft", "cascade-nft",
             "student", "student-dance", "student-dmd", "student-flow", "student-offpolicy",
             "student-ppo", "student-sft", "student-tdm"]
-    assert list(table) == rows and all({"color", "jpeg", "seconds", "forwards"} <= set(v)
+    assert list(table) == rows and all({"color", "jpeg", "seconds", "cost"} <= set(v)
                                        for v in table.values())
-    assert all(table[k]["seconds"] > 0 and table[k]["forwards"] > 0 for k in rows[1:])
-    # trained forwards: OPD 2 rounds x 2 tasks x 4 trajectories x 2 loss steps x 2 CFG rows
-    assert table["student"]["forwards"] == 2 * 2 * 4 * 2 * 2
+    assert all(table[k]["seconds"] > 0 and table[k]["cost"] > 0 for k in rows[1:])
+    # compute, every transformer pass (x 2 rows with CFG), one with grad counting 2: OPD's
+    # 2 rounds x 2 tasks x 4 trajectories, each 2 student steps with grad, 1 without and 2
+    # teacher steps; joint NFT's 2 steps x 2 tasks x 4, each 3 sampling steps of the old
+    # adapter, then 2 trained times with the trained (grad), old and reference models (CFG 1)
+    assert table["student"]["cost"] == 2 * 2 * 4 * 2 * (2 * 2 + 1 + 2)
+    assert table["joint-nft"]["cost"] == 2 * 2 * 4 * (3 + 2 * (2 + 1 + 1))
     md = open(os.path.join(out, "eval.md")).read()
     assert all(f"| {k} |" in md for k in rows) and "train time" in md
     budget = open(os.path.join(out, "budget.md")).read()
