@@ -318,3 +318,35 @@ def conflict_figure(out, tasks):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "conflict.png"), dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ the command
+def main(argv=None):
+    """python -m opd_support.reports: every results table of README.md and docs/results.md
+    (between their `<!-- results: NAME -->` markers) and figure from the data in results/;
+    --check: exit 1 naming the first table that differs from the data's, else 0;
+    --collect RUN REGIME: copy a compare run's seed folders into results/REGIME/."""
+    import argparse
+    import sys
+
+    from opd_support import results
+    ap = argparse.ArgumentParser(description=main.__doc__.split(";")[0])
+    ap.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
+    ap.add_argument("--collect", nargs=2, metavar=("RUN", "REGIME"),
+                    help="copy RUN/seed-*/ into results/REGIME/")
+    a = ap.parse_args(argv)
+    if a.collect:
+        return results.collect(*a.collect)
+    problems = results.write_docs(check=a.check)
+    if not a.check:
+        results.figures()
+    for p in problems[:1]:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        sys.exit(1)
+    print("every results table equals the one the data make" if a.check else
+          "results tables and figures written")
+
+
+if __name__ == "__main__":
+    main()
