@@ -325,12 +325,12 @@ def restore(ck, state, tr, names, opts, emas, aux):
             moments = [(p, v) for g in opt.param_groups for p in g["params"]
                        for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()]
             same_shapes(*zip(*moments) if moments else ([], []))  # AdamW's moments
-        epoch_start = state.get("epoch_start") or []  # the trained adapter's: its EMA's shapes
-        for mine, saved in [*zip([e.shadow for e in emas], state["emas"]), (aux, state["aux"]),
-                            (emas[0].shadow if epoch_start else [], epoch_start)]:
+        for mine, saved in [*zip([e.shadow for e in emas], state["emas"]), (aux, state["aux"])]:
             same_shapes(mine, saved)
             for m, s in zip(mine, saved):
                 m.data.copy_(s)
+        if state.get("epoch_start"):  # the trained adapter's weights (runs.py keeps them)
+            same_shapes(emas[0].shadow, state["epoch_start"])
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
         raise UserError(f"checkpoint {ck} does not fit this run ({first_line(e)})") from None
     torch.set_rng_state(state["torch_rng"])
