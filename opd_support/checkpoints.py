@@ -266,13 +266,14 @@ def latest_good(run_dir, say=None):
 
 def check_resume(run_dir, cfg, say=None):
     """The latest intact checkpoint's folder and state, once its run is known to be the one cfg
-    asks to continue: every option outside RESUMABLE (a teacher's: outside TEACHER_RESUMABLE
-    too) must equal the saved run's, else one UserError listing each difference."""
-    from opd_support.config import RESUMABLE, TEACHER_RESUMABLE
+    asks to continue: every option outside cfg.resumable (config.RESUMABLE and a subclass's; a
+    teacher's: outside TEACHER_RESUMABLE too) must equal the saved run's, else one UserError
+    listing each difference."""
+    from opd_support.config import TEACHER_RESUMABLE
     ck = os.path.join(run_dir, latest_good(run_dir, say))
     state = read_state(os.path.join(ck, "state.pt"))
-    free = RESUMABLE | (TEACHER_RESUMABLE if os.path.basename(run_dir).startswith("teacher-")
-                        else set())
+    free = cfg.resumable | (TEACHER_RESUMABLE if os.path.basename(run_dir).startswith("teacher-")
+                            else set())
     saved = state["config"]
     differ = [f"--{f.name} {saved[f.name]} (now {getattr(cfg, f.name)})"
               for f in dataclasses.fields(cfg)

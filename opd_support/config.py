@@ -57,6 +57,7 @@ TEACHER_RESUMABLE = {"tasks", "teachers", "teacher_guidance"}  # distillation's,
 
 @dataclasses.dataclass
 class Config:
+    resumable: typing.ClassVar[set] = RESUMABLE  # a subclass adds its own (baselines.py)
     # what to run, on which model, where
     stage: str = arg("all", one_of(*STAGES), "all = teacher, distill, eval; or one of them")
     task: str = arg("color", one_of(*TASKS), "the task of --stage teacher")

@@ -285,9 +285,25 @@ def start_run(cfg, model, name, adapter, aux=(), extra=None):
 
 def resumed_metrics(run):
     """On resume: metrics.jsonl keeps the rows up to the checkpoint (those a killed run wrote
-    after it go), and the validation curve so far is read back from it (for --plateau)."""
+    after it go, a last row cut off by the kill too), and the validation curve so far is read
+    back from it (for --plateau); one line naming any other row that is not a metrics row."""
     path = os.path.join(run.dir, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines() \
+        if os.path.isfile(path) else []
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        val = row.get("val", {}) if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and type(row.get("step")) is int and isinstance(val, dict)
+                and all(type(v) in (int, float) for v in val.values())):
+            if i == len(lines):
+                continue
+            raise UserError(f"{path}:{i} is not a metrics row: {line[:60]!r}; repair or remove "
+                            f"the line to resume")
+        rows.append(row)
     keep = [r for r in rows if r["step"] < run.start or r["step"] == run.start and "val" not in r]
     if run.rank == 0:
         ck.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

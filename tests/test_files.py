@@ -300,6 +300,29 @@ def test_a_damaged_checkpoint_through_the_command_line(teacher_dir, tmp_path):
     assert tree(str(out)) == before
 
 
+def test_metrics_jsonl_on_resume(tmp_path):
+    """A run's metrics.jsonl as --resume reads it back: a last row cut off by a kill is dropped
+    with the rows after the checkpoint; any other row that is not a metrics row (cut short,
+    random bytes, not an object, no integer step, a val of another kind) is one line naming the
+    file and line, and the file stays as it was."""
+    import types
+    from opd_support import runs
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "val": {"color": 0.5}}, {"step": 1, "grad_norm": 0.1},
+            {"step": 2, "grad_norm": 0.2}, {"step": 3, "grad_norm": 0.3}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    run_ = types.SimpleNamespace(dir=str(tmp_path), start=2, rank=0)
+    path.write_text(text + '{"step": 4, "grad_')
+    assert runs.resumed_metrics(run_) == [(0, 0.5)]
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:3])
+    for case, line in [("cut short", '{"step": 1, "grad'), ("random", "\x97\x00\xff"),
+                       ("a list", "[1, 2]"), ("a string step", '{"step": "1"}'),
+                       ("val a number", '{"step": 1, "val": 0.5}')]:
+        path.write_text(line + "\n" + text)
+        refused(lambda: runs.resumed_metrics(run_), f"{path}:1", case)
+        assert path.read_text() == line + "\n" + text
+
+
 # ------------------------------------------------------------------------------ prompt files
 def test_damaged_prompt_files_and_geneval_metadata_are_one_line(tmp_path):
     """A prompt file (text, or GenEval metadata jsonl) cut short, random, empty, of another kind

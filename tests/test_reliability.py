@@ -306,7 +306,9 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch)
     from opd_support import checkpoints as ck
     run_dir = str(tmp_path)
     w = {"w": torch.ones(1000)}
-    ck.save_checkpoint(run_dir, 1, [w], {"step": 1, "x": torch.zeros(10)})
+    state = {"step": 1, "optimizers": [], "config": {}, "emas": [], "aux": [],
+             "torch_rng": torch.get_rng_state(), "x": torch.zeros(10)}
+    ck.save_checkpoint(run_dir, 1, [w], state)
     before = tree(run_dir)
 
     def full(*a, **k):
@@ -314,7 +316,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(machinery.UserError, match=rf"cannot write to {run_dir}: No space left on "
                                                   r"device \(about 0 MB needed"):
-        ck.save_checkpoint(run_dir, 2, [w], {"step": 2, "x": torch.zeros(10)})
+        ck.save_checkpoint(run_dir, 2, [w], {**state, "step": 2})
     assert tree(run_dir) == before and ck.verify(os.path.join(run_dir, "ckpt-0000001")) is None
 
 
