@@ -491,7 +491,7 @@ def train_rl(cfg, model, schedule, name):
             break
         t0, tasks = time.perf_counter(), schedule[first // K]
         runs.embed_epoch_prompts(cfg, model, schedule, first)
-        with runs.epoch_start_weights(run, first):  # resumed inside this epoch: its samples
+        with runs.epoch_start_weights(run, first):  # resumed inside the epoch: the saved ones
             samples, rewards = rl_sample(cfg, model, tasks, first, run)
         order = torch.randperm(K * b, generator=rng(cfg.seed, "shuffle", run.rank, step=first))
         for u, step in enumerate(range(first, first + K)):  # K updates of batch_size each

@@ -69,8 +69,6 @@ def validate(cfg, model, tasks, run, step):
     into metrics.jsonl as `val` (not timed); their mean over tasks into run.val. Returns True
     when --plateau says to stop."""
     end = step is None
-    if not end and step < run.start:  # resumed inside an RL epoch: validated before the stop
-        return False
     step = run.step if end else step
     due = run.val[-1][0] + cfg.eval_every <= step if run.val else True
     if not cfg.eval_every or not (due or end) or (run.val and run.val[-1][0] == step):
