@@ -266,15 +266,21 @@ def latest_good(run_dir, say=None):
 
 def check_resume(run_dir, cfg, say=None):
     """The latest intact checkpoint's folder and state, once its run is known to be the one cfg
-    asks to continue: every option outside cfg.resumable (config.RESUMABLE and a subclass's; a
-    teacher's: outside TEACHER_RESUMABLE too) must equal the saved run's, else one UserError
-    listing each difference."""
-    from opd_support.config import TEACHER_RESUMABLE
+    asks to continue (same_run)."""
     ck = os.path.join(run_dir, latest_good(run_dir, say))
     state = read_state(os.path.join(ck, "state.pt"))
+    same_run(state["config"], cfg, run_dir)
+    return ck, state
+
+
+def same_run(saved, cfg, run_dir):
+    """A run's saved config (a checkpoint's, or a finished run's config.json) against the
+    command's: every option outside cfg.resumable (config.RESUMABLE and a subclass's; a
+    teacher's: outside TEACHER_RESUMABLE too) must be equal, else one UserError listing each
+    difference."""
+    from opd_support.config import TEACHER_RESUMABLE
     free = cfg.resumable | (TEACHER_RESUMABLE if os.path.basename(run_dir).startswith("teacher-")
                             else set())
-    saved = state["config"]
     differ = [f"--{f.name} {saved[f.name]} (now {getattr(cfg, f.name)})"
               for f in dataclasses.fields(cfg)
               if f.name not in free and f.name in saved and saved[f.name] != getattr(cfg, f.name)]
@@ -282,7 +288,6 @@ def check_resume(run_dir, cfg, say=None):
         raise UserError(f"--resume: {run_dir} was trained with {', '.join(differ)}: give the "
                         f"same values to continue it, or --overwrite to start again (what may "
                         f"change on resume: --help)")
-    return ck, state
 
 
 def checkpoint_state(cfg, step, opts, emas, aux, counters, epoch_start=()):

@@ -52,7 +52,8 @@ RESUMABLE = {"stage", "task", "out", "optim_steps", "plateau", "eval_every", "va
              "eval_sampler_steps", "eval_batch", "eval_prompts", "eval_seeds", "export_geneval",
              "lora", "log_to", "log_conflict", "save_every", "resume", "overwrite", "max_bad_steps",
              "grad_checkpointing", "compile", "text_encoders", "embed_cache_mb", "device"}
-TEACHER_RESUMABLE = {"tasks", "teachers", "teacher_guidance"}  # distillation's, not a teacher's
+TEACHER_RESUMABLE = {"tasks", "teachers", "teacher_guidance", "loss", "sde_weight", "two_pass",
+                     "loss_steps"}  # stage 2's alone: a teacher's task is its folder's name
 
 
 @dataclasses.dataclass

@@ -2,12 +2,14 @@
 A training stage's life, around the loops of opd.py and baselines.py:
 
   preflight    the checks that need no model: every stage's options, the ranks split the batch,
-               the teachers exist, --resume continues a run of the same model and LoRA shape
+               the teachers' and --lora's files, --resume continues the run its options name
   setup        processes, the run folder's lock, the tasks and the model
-  start_run    the stage's folder (fresh, resumed, or done and reused), its trained adapter with
-               AdamW and EMA (and a baseline's extra adapters), restored when resuming
+  start_run    the stage's folder (plan: fresh, resumed, continued to more steps, or done and
+               reused), its trained adapter with AdamW and EMA (and a baseline's extra
+               adapters), restored when resuming
   optimizer_step   gradients averaged over the ranks, clipped, one step (non-finite: skipped)
-  checkpoint   when due, and at once on SIGTERM / SIGUSR1 (then the run stops, exit code 75)
+  checkpoint   when due, and at once on SIGTERM / SIGUSR1 (then the run stops, exit code 75);
+               inside an RL epoch, before its next update (stop_inside_epoch)
   finish_run   the ranks checked in sync, the EMA weights saved as the stage's LoRA
 """
 import contextlib
@@ -204,6 +206,9 @@ def plan(run_dir, cfg, what):
         return "fresh", None
     if os.path.isfile(os.path.join(run_dir, LORA_FILE)):
         total = run_info(run_dir, "optim_steps", None)  # what it was trained for (config.json)
+        saved = os.path.join(run_dir, "config.json")
+        if cfg.resume and os.path.isfile(saved):  # continued or not, the same run
+            ck.same_run(ck.read_json(saved), cfg, run_dir)
         done = f"{what}: {run_dir}/{LORA_FILE} exists" + (
             f" (trained for --optim_steps {total})" if total else "") + ", reused"
         if total is None or cfg.optim_steps <= total:

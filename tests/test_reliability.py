@@ -129,19 +129,23 @@ def test_resume_continues_a_finished_run_or_says_it_is_done(tmp_path, teacher_di
         r = ok(run(*args, *extra, "--out", b))
         done = [line for line in r.stdout.splitlines() if "reused" in line]
         assert len(done) == 1 and "trained for --optim_steps 4" in done[0] and needle in done[0]
-    r = run(*args, "--optim_steps", "6", "--resume", "--lora_rank", "8", "--lr", "0.01",
-            "--out", b)
-    one_line_error(r, f"{student} was trained with --lora_rank 32 (now 8), --lr 0.003 (now 0.01)")
+    for steps in ("6", "4"):  # to continue, or done: either way not the run it asks for
+        r = run(*args, "--optim_steps", steps, "--resume", "--lora_rank", "8", "--lr", "0.01",
+                "--out", b)
+        one_line_error(r, f"{student} was trained with --lora_rank 32 (now 8), --lr 0.003 (now "
+                          f"0.01)")
     assert tree(b) == before
 
 
 def test_resume_compares_every_option_but_those_that_may_change(teacher_dir, tmp_path):
     """One rule over every Config field: each one changed alone stops --resume with one line
     naming it, unless it is among those that may change (config.RESUMABLE; a teacher's also
-    TEACHER_RESUMABLE, which a student's run compares); several changed are listed together."""
+    TEACHER_RESUMABLE, which a student's run compares), against a checkpoint's config and a
+    finished run's config.json alike; several changed are listed together."""
     import dataclasses
     import shutil
     from opd_support import checkpoints as ck
+    from opd_support import runs
     from opd_support.config import RESUMABLE, TEACHER_RESUMABLE, Config
     saved = ck.read_state(os.path.join(teacher_dir, ck.checkpoints(teacher_dir)[-1],
                                        "state.pt"))["config"]
@@ -157,11 +161,14 @@ def test_resume_compares_every_option_but_those_that_may_change(teacher_dir, tmp
         changed = dataclasses.replace(cfg, **{f.name: other(getattr(cfg, f.name))})
         for folder, free in [(teacher_dir, RESUMABLE | TEACHER_RESUMABLE),
                              (student, RESUMABLE)]:
-            if f.name in free:
-                ck.check_resume(folder, changed)
-            else:
-                with pytest.raises(machinery.UserError, match=f"--{f.name} "):
-                    ck.check_resume(folder, changed)
+            for check in (lambda: ck.check_resume(folder, changed),  # the checkpoint's
+                          lambda: runs.plan(folder, dataclasses.replace(changed, resume=True),
+                                            "x")):  # a finished run's config.json
+                if f.name in free:
+                    check()
+                else:
+                    with pytest.raises(machinery.UserError, match=f"--{f.name} "):
+                        check()
     both = dataclasses.replace(cfg, lora_rank=8, seed=3, optim_steps=99)
     with pytest.raises(machinery.UserError) as e:
         ck.check_resume(teacher_dir, both)
