@@ -82,6 +82,8 @@ def _choice_ok(s):
 
 @dataclasses.dataclass
 class Args(Config):
+    # which runs a command makes, not what one of them computes: these may change on --resume
+    resumable = Config.resumable | {"seeds", "methods", "lr_grid", "lr_choice"}
     stage: str = arg("compare", one_of("distill", "joint", "cascade", "compare", "noise"), "stage")
     loss: str = arg("closed", one_of(*DISTILL_LOSSES), "distill: the student's method")
     seeds: str = arg("", text(True, _seeds_ok, "distinct seeds like 0,1,2"),

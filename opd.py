@@ -492,9 +492,13 @@ def train_rl(cfg, model, schedule, name):
             break
         t0, tasks = time.perf_counter(), schedule[first // K]
         runs.embed_epoch_prompts(cfg, model, schedule, first)
-        samples, rewards, flat = rl_sample(cfg, model, tasks, first, run)
+        with runs.epoch_start_weights(run, first):  # resumed inside the epoch: the saved ones
+            samples, rewards, flat = rl_sample(cfg, model, tasks, first, run)
         order = torch.randperm(K * b, generator=rng(cfg.seed, "shuffle", run.rank, step=first))
         for u, step in enumerate(range(first, first + K)):  # K updates of batch_size each
+            if step < run.start:  # resumed inside this epoch: taken before the stop
+                continue
+            runs.stop_inside_epoch(cfg, model, run, step)  # a stop signal: checkpoint, stop
             rows = order[u * b:(u + 1) * b]
             stats = grpo_guard_update(cfg, model, samples, rows, run) \
                 if cfg.algo == "grpo_guard" else nft_update(cfg, model, samples, rows, step, run)

@@ -42,8 +42,23 @@ def _decay_ok(s):
     return flat >= 0 and rate >= 0 and 0 <= cap < 1
 
 
+# The options that may differ when --resume continues a run: how far it trains and when it
+# stops early (--plateau and the validation behind it), how often it saves and logs, where it runs
+# and how it spends memory and time, and what else the command does (its stages, evaluation). None
+# changes the numbers of an optimizer step beyond float rounding (--device: a GPU computes in bf16).
+# Every other field, a new one too, must equal the saved run's (checkpoints.check_resume), even
+# --micro_batch: it changes which noise each SDE trajectory draws, not only float rounding.
+RESUMABLE = {"stage", "task", "out", "optim_steps", "plateau", "eval_every", "val_seeds",
+             "eval_sampler_steps", "eval_batch", "eval_prompts", "eval_seeds", "export_geneval",
+             "lora", "log_to", "log_conflict", "save_every", "resume", "overwrite", "max_bad_steps",
+             "grad_checkpointing", "compile", "text_encoders", "embed_cache_mb", "device"}
+TEACHER_RESUMABLE = {"tasks", "teachers", "teacher_guidance", "loss", "sde_weight", "two_pass",
+                     "loss_steps"}  # stage 2's alone: a teacher's task is its folder's name
+
+
 @dataclasses.dataclass
 class Config:
+    resumable: typing.ClassVar[set] = RESUMABLE  # a subclass adds its own (baselines.py)
     # what to run, on which model, where
     stage: str = arg("all", one_of(*STAGES), "all = teacher, distill, eval; or one of them")
     task: str = arg("color", one_of(*TASKS), "the task of --stage teacher")
@@ -119,7 +134,9 @@ class Config:
     log_to: str = arg("", names(("tensorboard", "wandb"), empty_ok=True),
                       "also log metrics.jsonl's rows there (WANDB_MODE=offline works offline)")
     save_every: int = arg(20, num(int, 1), "checkpoint every N optimizer steps (and at the end)")
-    resume: bool = arg(False, FLAG, "continue from the latest checkpoint of each stage")
+    resume: bool = arg(False, FLAG, "continue each stage from its latest checkpoint to "
+                       "--optim_steps (a finished one too); options other than "
+                       + ", ".join(sorted(RESUMABLE)) + " must be as saved")
     overwrite: bool = arg(False, FLAG, "redo a stage whose output exists")
     max_bad_steps: int = arg(5, num(int, 1), "abort after this many non-finite steps in a row")
     grad_checkpointing: bool = arg(False, FLAG, "recompute each block in the backward pass")

@@ -17,14 +17,14 @@ A LoRA that only half fits is refused before any training: every module the file
 targets name on this model must have its weights, and every weight must name such a module.
 """
 import collections
-import contextlib
 import json
 import os
 import re
 import shutil
 import warnings
 
-from opd_support.checkpoints import disk_errors, fsync_path
+from opd_support.checkpoints import (disk_errors, first_line, fsync_path, read_json,
+                                     read_weights)
 from opd_support.options import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' format (what a stage saves)
@@ -98,18 +98,16 @@ def local_folder(source):
 
 def read_lora(folder):
     """A LoRA folder's weights, keyed as peft keys a model's adapter without its name
-    (transformer_blocks.0.attn.to_q.lora_A.weight), and its LoraConfig's fields."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    (transformer_blocks.0.attn.to_q.lora_A.weight), and its LoraConfig's fields; every file
+    checked as it is read (checkpoints.read_weights, read_json, lora_config): one line naming
+    the file when it is cut short, not of its kind, or holds non-float or non-finite weights."""
     if layout(folder) == "peft":
-        from peft import LoraConfig
-        config = LoraConfig.from_pretrained(folder).to_dict()
-        weights = load_file(os.path.join(folder, PEFT_WEIGHTS))
+        path = os.path.join(folder, PEFT_CONFIG)
+        config = lora_config(read_json(path), path)
+        weights, _ = read_weights(os.path.join(folder, PEFT_WEIGHTS))
         return {k.removeprefix("base_model.model."): v for k, v in weights.items()}, config
     path = os.path.join(folder, LORA_FILE)
-    weights = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = (f.metadata() or {}).get("lora_adapter_metadata")
+    weights, meta = read_weights(path)
     other = sorted(k for k in weights if not k.startswith("transformer."))
     if other:
         raise UserError(f"the LoRA at {path} holds weights of other modules than the "
@@ -118,14 +116,55 @@ def read_lora(folder):
     if not any(".lora_A." in k for k in weights):  # diffusers' older keys: its own converter
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
         weights = convert_unet_state_dict_to_peft(weights)
-    if meta:
-        config = json.loads(meta)
-        config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if "lora_adapter_metadata" in meta:
+        try:
+            config = json.loads(meta["lora_adapter_metadata"])
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            raise UserError(f"{path}: its lora_adapter_metadata is not a JSON object")
+        config = lora_config({k.removeprefix("transformer."): v for k, v in config.items()},
+                             f"{path}'s lora_adapter_metadata")
     else:  # as diffusers reads it: each module's rank from its weights, alpha = rank
         from diffusers.utils.peft_utils import get_peft_kwargs
-        ranks = {k: v.shape[1] for k, v in weights.items() if ".lora_B." in k}
+        ranks = {k: v.shape[1] for k, v in weights.items() if ".lora_B." in k and v.dim() == 2}
+        if not ranks:
+            raise UserError(f"{path} holds no LoRA weights (no lora_B or lora.up matrix)")
         config = get_peft_kwargs(ranks, None, weights)
     return weights, config
+
+
+def lora_config(fields, where):
+    """A LoRA's config as read (adapter_config.json, or our file's metadata), checked: a LoRA
+    (peft_type LORA where it says), a rank r >= 1, a finite alpha > 0, target modules named,
+    accepted by peft's LoraConfig. One UserError naming the file otherwise."""
+    from peft import LoraConfig
+    r, alpha, targets = (fields.get(k) for k in ("r", "lora_alpha", "target_modules"))
+    why = ("it is a {} config, not a LoRA's".format(fields["peft_type"])
+           if fields.get("peft_type", "LORA") != "LORA" else
+           f"its rank r is {r!r}, not an integer >= 1" if type(r) is not int or r < 1 else
+           f"its lora_alpha is {alpha!r}, not a number > 0"
+           if type(alpha) not in (int, float) or not 0 < alpha < float("inf") else
+           f"its target_modules is {targets!r}, not module names"
+           if not (isinstance(targets, str) and targets or isinstance(targets, list) and targets
+                   and all(isinstance(t, str) for t in targets)) else None)
+    if why is None:
+        try:
+            LoraConfig(**{k: v for k, v in fields.items() if k in LoraConfig.__dataclass_fields__})
+        except (TypeError, ValueError) as e:
+            why = f"peft refuses it: {first_line(e)}"
+    if why:
+        raise UserError(f"{where} is not a usable LoRA config: {why}")
+    return fields
+
+
+def check_lora(source):
+    """Read and check a LoRA source's files as load_lora will (its layout, weights, config, and
+    run.json / config.json), before any model loads; returns its local folder."""
+    folder = local_folder(source)
+    read_lora(folder)
+    run_info(folder, "guidance", None)
+    return folder
 
 
 def check_fit(tr, weights, config, where):
@@ -169,8 +208,7 @@ def load_lora(tr, source, name, producer=None):
     try:
         set_peft_model_state_dict(tr, weights, adapter_name=name)
     except RuntimeError as e:  # size mismatches: a LoRA of another model
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
-        why = next((ln for ln in lines if "mismatch" in ln), lines[0])[:160]
+        why = first_line(e)
         with warnings.catch_warnings():  # peft says which adapter is active now: not news
             warnings.simplefilter("ignore")
             tr.delete_adapters([name])
@@ -182,10 +220,12 @@ def load_lora(tr, source, name, producer=None):
 
 
 def run_info(d, key, default):
-    """A value from a LoRA folder's run.json or config.json (default when absent)."""
-    for f in ("run.json", "config.json"):
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            v = json.load(open(os.path.join(d, f))).get(key)
-            if v is not None:
-                return v
+    """A number from a LoRA folder's run.json or config.json (default when neither has it); one
+    line naming the file when it is not a JSON object or its value is not a finite number."""
+    for f in (os.path.join(d, n) for n in ("run.json", "config.json")):
+        v = read_json(f).get(key) if os.path.isfile(f) else None
+        if v is not None:
+            if type(v) not in (int, float) or not abs(v) < float("inf"):
+                raise UserError(f"{f}: its {key} is {v!r}, not a finite number")
+            return v
     return default

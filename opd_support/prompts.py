@@ -114,32 +114,44 @@ def draw_prompts(cfg, task, draw, index, n):
 
 
 def read(path):
-    """A prompt file: text (one prompt a line) or GenEval metadata jsonl ({"prompt": ...} a line).
-    Returns (prompts, {prompt: metadata})."""
+    """A prompt file: text (one prompt a line) or GenEval metadata jsonl ({"prompt": ...} a line;
+    a line with a tag, include or exclude is checked as GenEval's metadata, geneval_problem).
+    Returns (prompts, {prompt: metadata}); one line naming the file (and line) when it cannot be
+    read, is not UTF-8 text, is empty, or a line is not of its kind."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise UserError(f"cannot read prompt file {path!r}: {why}") from None
-    prompts, meta = [], {}
-    for line in (l.strip() for l in lines):
+    prompts, meta, jsonl = [], {}, path.endswith(".jsonl")
+    for i, line in ((i, l.strip()) for i, l in enumerate(lines, 1)):
         if not line:
             continue
-        if path.endswith(".jsonl"):
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                m = None
-            if not isinstance(m, dict) or not isinstance(m.get("prompt"), str):
-                raise UserError(f'{path}: a line is not a JSON object with a "prompt": '
-                                f'{line[:60]!r}')
-            prompts.append(m["prompt"]); meta[m["prompt"]] = m
-        else:
+        m = json_object(line) if jsonl or line.startswith("{") else None
+        if not jsonl:
+            if isinstance(m, dict) and "prompt" in m:
+                raise UserError(f"{path}:{i} is a JSON object, not a prompt: name a GenEval "
+                                f"metadata file .jsonl")
             prompts.append(line)
+            continue
+        if not isinstance(m, dict) or not isinstance(m.get("prompt"), str) or \
+                not m["prompt"].strip():
+            raise UserError(f'{path}:{i} is not a JSON object with a "prompt": {line[:60]!r}')
+        why = geneval_problem(m) if {"tag", "include", "exclude"} & set(m) else None
+        if why:
+            raise UserError(f"{path}:{i} is not GenEval metadata: {why}")
+        prompts.append(m["prompt"]); meta[m["prompt"]] = m
     if not prompts:
         raise UserError(f"prompt file {path} is empty")
     return prompts, meta
+
+
+def json_object(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------- GenEval
@@ -153,6 +165,34 @@ def plural(name):
 
 NUMBERS = ["zero", "one", "two", "three", "four"]
 RELATIONS = ["left of", "right of", "above", "below"]
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def geneval_problem(m):
+    """Why a record is not GenEval metadata as the GenEval reward reads it, or None: a tag of
+    GenEval's six, a non-empty include list and an exclude list of clauses with a class of its 80
+    and a count >= 1; an include clause's colour among its 10, its position [relation, the index
+    of an earlier clause]."""
+    from rewards import GENEVAL_CLASSES, GENEVAL_COLORS
+    include, exclude = m.get("include"), m.get("exclude", [])
+    if m.get("tag") not in TAGS:
+        return f"its tag {m.get('tag')!r} is none of {', '.join(TAGS)}"
+    if not isinstance(include, list) or not include or not isinstance(exclude, list):
+        return "it needs a non-empty include list (and exclude, when given, a list)"
+    for i, c in enumerate(include + exclude):
+        name = f"include[{i}]" if i < len(include) else f"exclude[{i - len(include)}]"
+        if not isinstance(c, dict) or c.get("class") not in GENEVAL_CLASSES:
+            return f"{name} has no class among GenEval's 80"
+        if type(c.get("count")) is not int or c["count"] < 1:
+            return f"{name}'s count {c.get('count')!r} is not an integer >= 1"
+        if "color" in c and c["color"] not in GENEVAL_COLORS:
+            return f"{name}'s color {c['color']!r} is none of {', '.join(GENEVAL_COLORS)}"
+        pos = c.get("position")
+        if pos is not None and not (i < len(include) and isinstance(pos, list) and len(pos) == 2
+                                    and pos[0] in RELATIONS and type(pos[1]) is int
+                                    and 0 <= pos[1] < i):
+            return f"{name}'s position {pos!r} is not [relation, index of an earlier clause]"
+    return None
 
 
 def geneval(n=1000, seed=0):

@@ -325,7 +325,8 @@ def main(argv=None):
     """python -m opd_support.reports: every results table of README.md and docs/results.md
     (between their `<!-- results: NAME -->` markers) and figure from the data in results/;
     --check: exit 1 naming the first table that differs from the data's, else 0;
-    --collect RUN REGIME: copy a compare run's seed folders into results/REGIME/."""
+    --collect RUN REGIME: copy a compare run's seed folders into results/REGIME/; --design
+    RUN LABEL: one joint run's metrics into results/designs/."""
     import argparse
     import sys
 
@@ -334,9 +335,11 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
     ap.add_argument("--collect", nargs=2, metavar=("RUN", "REGIME"),
                     help="copy RUN/seed-*/ into results/REGIME/")
+    ap.add_argument("--design", nargs=2, metavar=("RUN", "LABEL"),
+                    help="copy one joint run's metrics (a conflict design) into results/designs/")
     a = ap.parse_args(argv)
-    if a.collect:
-        return results.collect(*a.collect)
+    if a.collect or a.design:
+        return results.collect(*a.collect) if a.collect else results.collect_design(*a.design)
     problems = results.write_docs(check=a.check)
     if not a.check:
         results.figures()

@@ -74,6 +74,19 @@ def collect(run_root, regime, dest=RESULTS):
         print(f"collected {src} -> {out}")
 
 
+def collect_design(run_dir, label, dest=RESULTS):
+    """One joint RL run with the meter (a conflict design tried) -> dest/designs/<label>.jsonl
+    (its metrics rows) and <label>.json (its config and run.json, when written)."""
+    rows = [rounded(json.loads(line)) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    out = os.path.join(dest, "designs")
+    os.makedirs(out, exist_ok=True)
+    write_text(os.path.join(out, label + ".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    info = {k: json.load(open(os.path.join(run_dir, f"{k}.json"))) for k in ("run", "config")
+            if os.path.isfile(os.path.join(run_dir, f"{k}.json"))}
+    write_text(os.path.join(out, label + ".json"), json.dumps(info, indent=1))
+    print(f"collected {run_dir} -> {out}/{label}.jsonl")
+
+
 # ---------------------------------------------------------------------------------- load
 def seeds_of(regime, root=RESULTS):
     found = glob.glob(os.path.join(root, regime, "seed-*"))
@@ -355,6 +368,32 @@ def flat_table(seeds, tasks):
     return table(["run", *tasks], rows)
 
 
+def designs_table(root=RESULTS):
+    """Each conflict design tried (one joint GRPO-Guard run each): its training steps, and per
+    task pair the raw cosine (mean ± s.e. over steps, a lower bound: steps are correlated), the
+    split-half cosines, the corrected cosine; the share of each task's groups with no
+    gradient."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "designs", "*.jsonl"))):
+        train = [json.loads(line) for line in open(path)]
+        train = [r for r in train if "grad_norm" in r]
+        tasks = [k[len("flat_groups_"):] for k in train[0] if k.startswith("flat_groups_")]
+        for i, a in enumerate(tasks):
+            for b in tasks[i + 1:]:
+                raw = [r[f"cos_{a}_{b}"] for r in train if r.get(f"cos_{a}_{b}") is not None]
+                se = spread(raw)["sd"] / len(raw) ** 0.5
+                halves = [run_means(train, f"cos_half_{t}") for t in (a, b)]
+                c = conflict.corrected(sum(raw) / len(raw), *halves)
+                rows.append([os.path.basename(path)[:-6], str(len(train)), f"{a}-{b}",
+                             f"{sum(raw) / len(raw):+.3f} ± {se:.3f}",
+                             " / ".join(f"{h:+.2f}" for h in halves),
+                             "-" if c is None else f"{c:+.2f}",
+                             " / ".join(f"{run_means(train, f'flat_groups_{t}'):.2f}"
+                                        for t in (a, b))])
+    return table(["design", "steps", "pair", "raw cosine", "split-half cosines", "corrected",
+                  "groups with no gradient"], rows)
+
+
 def budget_table(d, tasks):
     """One seed's runs: optimizer steps, transformer passes with and without grad, compute,
     training and validation seconds."""
@@ -414,6 +453,8 @@ def tiny_table(root=RESULTS):
 def tables(root=RESULTS):
     """{NAME: markdown} of every results table the data make."""
     out = {}
+    if glob.glob(os.path.join(root, "designs", "*.jsonl")):
+        out["designs"] = designs_table(root)
     if os.path.isfile(os.path.join(root, "tiny", "eval.json")):
         out["tiny"] = tiny_table(root)
     for regime in REGIMES:

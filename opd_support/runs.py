@@ -2,14 +2,17 @@
 A training stage's life, around the loops of opd.py and baselines.py:
 
   preflight    the checks that need no model: every stage's options, the ranks split the batch,
-               the teachers exist, --resume continues a run of the same model and LoRA shape
+               the teachers' and --lora's files, --resume continues the run its options name
   setup        processes, the run folder's lock, the tasks and the model
-  start_run    the stage's folder (fresh, resumed, or done and reused), its trained adapter with
-               AdamW and EMA (and a baseline's extra adapters), restored when resuming
+  start_run    the stage's folder (plan: fresh, resumed, continued to more steps, or done and
+               reused), its trained adapter with AdamW and EMA (and a baseline's extra
+               adapters), restored when resuming
   optimizer_step   gradients averaged over the ranks, clipped, one step (non-finite: skipped)
-  checkpoint   when due, and at once on SIGTERM / SIGUSR1 (then the run stops, exit code 75)
+  checkpoint   when due, and at once on SIGTERM / SIGUSR1 (then the run stops, exit code 75);
+               inside an RL epoch, before its next update (stop_inside_epoch)
   finish_run   the ranks checked in sync, the EMA weights saved as the stage's LoRA
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +26,7 @@ import torch
 from opd_support import checkpoints as ck
 from opd_support import conflict
 from opd_support.config import parse_pairs, resolve
-from opd_support.loras import LORA_FILE, adapter_state, layout, local_folder, save_lora
+from opd_support.loras import LORA_FILE, adapter_state, check_lora, layout, run_info, save_lora
 from opd_support.machinery import (EMA, Trackers, append_jsonl, average_gradients, bar, barrier,
                                    check_in_sync, compile_model, config_text, dist_setup,
                                    guarded_step, rank_world, say, sum_over_ranks)
@@ -56,15 +59,22 @@ def preflight(cfg, stages):
             raise UserError(f"--batch_size {c.batch_size} does not divide across {world} ranks")
         if stage == "distill" and "teacher" not in stages:  # the teachers must exist already
             for t, d in teacher_dirs(c, tasks).items():
-                if cfg.teachers:  # a folder in either layout, or a hub id (fetched now)
-                    local_folder(d)
-                elif layout(d) is None:
+                if not cfg.teachers and layout(d) is None:
                     raise UserError(f"no LoRA at {os.path.join(d, LORA_FILE)}: make it with "
                                     f"`python opd.py --stage teacher --task {t} --out {cfg.out}`")
-        runs = {"teacher": [f"teacher-{t}" for t in tasks], "distill": ["student"]}.get(stage, [])
-        for d in (os.path.join(cfg.out, r) for r in runs):
-            if cfg.resume and ck.checkpoints(d) and not os.path.isfile(os.path.join(d, LORA_FILE)):
-                ck.check_resume(d, c)
+                check_lora(d)  # a folder in either layout, or a hub id (fetched now)
+        if stage == "eval":  # --lora's, now rather than after the stages that train
+            for d in parse_pairs(c.lora).values():
+                check_lora(d)
+        names = {"teacher": [f"teacher-{t}" for t in tasks], "distill": [student_name(c)]}
+        for name in names.get(stage, []):
+            if plan(os.path.join(cfg.out, name), c, name)[0] == "resume":
+                ck.check_resume(os.path.join(cfg.out, name), c)
+
+
+def student_name(cfg):
+    """Stage 2's folder: student, or student-<loss> for another loss."""
+    return "student" if cfg.loss == "closed" else f"student-{cfg.loss}"
 
 
 def setup(cfg, first_stage):
@@ -165,6 +175,7 @@ class Run:
     bad_steps: int = 0                                 # non-finite steps in a row
     extra: dict = dataclasses.field(default_factory=dict)  # name -> Adapter (a baseline's)
     aux: list = dataclasses.field(default_factory=list)    # weights restored exactly (NFT's old)
+    epoch_start: list = dataclasses.field(default_factory=list)  # RL: the epoch's first weights
     val: list = dataclasses.field(default_factory=list)    # (step, validation mean over tasks)
     conflict: object = conflict.OFF                    # the gradient-conflict meter
     conflict_row: dict = dataclasses.field(default_factory=dict)  # its last step's statistics
@@ -194,24 +205,46 @@ def cost(passes):
     return passes["nograd"] + GRAD_PASS * passes["grad"]
 
 
-def prepare(run_dir, cfg, rank, what):
-    """What to do with a stage's folder: 'done' (reuse), 'resume', or 'fresh'."""
-    done = os.path.isfile(os.path.join(run_dir, LORA_FILE))
-    if done and not cfg.overwrite:
-        say(rank, f"{what}: {run_dir}/{LORA_FILE} exists, reused (--overwrite to redo)")
-        return "done"
+def plan(run_dir, cfg, what):
+    """What to do with a stage's folder, changing nothing: ('done' | 'resume' | 'fresh', a line
+    to say or None). A finished stage (its LoRA exists) is done when this command asks no more
+    optimizer steps than it was trained for, or asks more without --resume; --resume continues
+    it from its last checkpoint to the new --optim_steps, as one longer run would."""
     if cfg.overwrite:
-        if rank == 0 and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
-        return "fresh"
+        return "fresh", None
+    if os.path.isfile(os.path.join(run_dir, LORA_FILE)):
+        total = run_info(run_dir, "optim_steps", None)  # what it was trained for (config.json)
+        saved = os.path.join(run_dir, "config.json")
+        if cfg.resume and os.path.isfile(saved):  # continued or not, the same run
+            ck.same_run(ck.read_json(saved), cfg, run_dir)
+        done = f"{what}: {run_dir}/{LORA_FILE} exists" + (
+            f" (trained for --optim_steps {total})" if total else "") + ", reused"
+        if total is None or cfg.optim_steps <= total:
+            return "done", done + " (--overwrite to redo)"
+        if not cfg.resume:
+            return "done", done + f" (--resume continues it to step {cfg.optim_steps})"
+        if not ck.checkpoints(run_dir):
+            raise UserError(f"--resume: {run_dir} finished at --optim_steps {total} and holds no "
+                            f"checkpoint to continue from; --overwrite trains it again")
+        return "resume", None
     if ck.checkpoints(run_dir):
         if cfg.resume:
-            return "resume"
+            return "resume", None
         raise UserError(f"{run_dir} holds a checkpoint of an unfinished {what} run: pass "
                         f"--resume to continue it or --overwrite to start again")
     if cfg.resume:
-        say(rank, f"{what}: --resume, but {run_dir} holds no checkpoint: starting at step 0")
-    return "fresh"
+        return "fresh", f"{what}: --resume, but {run_dir} holds no checkpoint: starting at step 0"
+    return "fresh", None
+
+
+def prepare(run_dir, cfg, rank, what):
+    """plan()'s mode, its line said; the folder emptied for --overwrite."""
+    mode, line = plan(run_dir, cfg, what)
+    if line:
+        say(rank, line)
+    if cfg.overwrite and rank == 0 and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    return mode
 
 
 def start_run(cfg, model, name, adapter, aux=(), extra=None):
@@ -226,6 +259,8 @@ def start_run(cfg, model, name, adapter, aux=(), extra=None):
         return None
     if STOP["signal"]:
         raise Stopped(f"stopped before {name} ({STOP['signal']}); --resume continues")
+    if mode == "resume":  # checked before anything is added or written
+        folder, state = ck.check_resume(run_dir, cfg, say=lambda s: say(rank, s))
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
     aux_params = []
@@ -247,26 +282,43 @@ def start_run(cfg, model, name, adapter, aux=(), extra=None):
     model.trainable, model.active = run.params, "?"  # the next model.use sets requires_grad
     if cfg.log_conflict:
         run.conflict = conflict.Meter(run.params, world)
-    if cfg.log_to and rank == 0:
-        run.trackers = Trackers(cfg.log_to.split(","), run_dir, dataclasses.asdict(cfg))
     if mode == "resume":
-        folder, state = ck.check_resume(run_dir, cfg, say=lambda s: say(rank, s))
         counters = ck.restore(folder, state, model.tr, names,
                               [own.opt, *(a.opt for a in made.values())], [run.ema], aux_params)
         run.start = run.step = state["step"]
         run.elapsed = counters["elapsed"]
         model.passes.update(counters["passes"])
+        run.epoch_start = [w.to(p.device) for w, p in zip(state.get("epoch_start", []),
+                                                          run.params)]
         run.val = resumed_metrics(run)
         say(rank, f"resumed {run_dir} at step {run.start}")
+    if cfg.log_to and rank == 0:
+        run.trackers = Trackers(cfg.log_to.split(","), run_dir, dataclasses.asdict(cfg))
     watch_stop_signals()
     return run
 
 
 def resumed_metrics(run):
     """On resume: metrics.jsonl keeps the rows up to the checkpoint (those a killed run wrote
-    after it go), and the validation curve so far is read back from it (for --plateau)."""
+    after it go, a last row cut off by the kill too), and the validation curve so far is read
+    back from it (for --plateau); one line naming any other row that is not a metrics row."""
     path = os.path.join(run.dir, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines() \
+        if os.path.isfile(path) else []
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        val = row.get("val", {}) if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and type(row.get("step")) is int and isinstance(val, dict)
+                and all(type(v) in (int, float) for v in val.values())):
+            if i == len(lines):
+                continue
+            raise UserError(f"{path}:{i} is not a metrics row: {line[:60]!r}; repair or remove "
+                            f"the line to resume")
+        rows.append(row)
     keep = [r for r in rows if r["step"] < run.start or r["step"] == run.start and "val" not in r]
     if run.rank == 0:
         ck.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
@@ -290,8 +342,31 @@ def optimizer_step(cfg, run, adapter=None):
 
 
 def rounds(run, first, end, every=1):
-    """The optimizer steps first, first + every, ... < end, with a progress bar on rank 0."""
-    return bar(range(first, end, every), run.rank, os.path.basename(run.dir))
+    """The optimizer steps that begin a round (every=1) or an RL epoch of `every` updates, from
+    the one that holds step `first` (a run stopped inside an epoch resumes in it) to `end`, with
+    a progress bar on rank 0."""
+    return bar(range(first - first % every, end, every), run.rank, os.path.basename(run.dir))
+
+
+@contextlib.contextmanager
+def epoch_start_weights(run, first):
+    """An RL epoch's sampling, with the weights the epoch began with: a run resumed inside the
+    epoch samples from the ones its checkpoint kept (the uninterrupted run's samples, drawn
+    again) and then goes on with its own; any other epoch keeps a copy of its first weights,
+    which a stop inside it saves (stop_inside_epoch)."""
+    resumed = run.epoch_start and first < run.start
+    now = [p.detach().clone() for p in run.params] if resumed else None
+    with torch.no_grad():
+        if resumed:
+            for p, w in zip(run.params, run.epoch_start):
+                p.copy_(w)
+        else:
+            run.epoch_start = [p.detach().clone() for p in run.params]
+        try:
+            yield
+        finally:
+            for p, w in zip(run.params, now or []):
+                p.copy_(w)
 
 
 # SIGTERM (what SLURM and Kubernetes send before a kill) and SIGUSR1 (SLURM's --signal) make
@@ -321,19 +396,44 @@ def checkpoint(cfg, model, run, first, end):
     --save_every lies in (first, end] or the stage ends, and whenever a stop signal reached any
     rank: then every rank stops here (Stopped)."""
     run.step = end
-    stop = torch.tensor(float(bool(STOP["signal"])), device=run.params[0].device)
-    stop = bool(sum_over_ranks(stop, run.world, "max").item())
-    due = end // cfg.save_every > first // cfg.save_every or end == cfg.optim_steps
-    if run.rank == 0 and (due or stop):
-        names = [run.adapter, *run.extra]
-        state = ck.checkpoint_state(cfg, end, [run.opt, *(a.opt for a in run.extra.values())],
-                                    [run.ema], run.aux,
-                                    {"elapsed": run.elapsed, "passes": dict(model.passes)})
-        ck.save_checkpoint(run.dir, end, [adapter_state(model.tr, n) for n in names], state)
+    stop = stop_asked(run)
+    if stop or end // cfg.save_every > first // cfg.save_every or end == cfg.optim_steps:
+        save(cfg, model, run, end)
     if stop:
-        barrier(run.world)
-        raise Stopped(f"stopped at step {end}, checkpoint written to {run.dir} "
-                      f"({STOP['signal'] or 'another rank was signalled'}); --resume continues")
+        stop_here(run, end)
+
+
+def stop_inside_epoch(cfg, model, run, step):
+    """Before the RL update at `step`: when a stop signal reached any rank, a checkpoint that
+    also holds the epoch's first weights (a resume draws the epoch's samples again from them
+    and goes on with this update), then every rank stops. A stop waits for one update at most."""
+    if stop_asked(run):
+        run.step = step
+        save(cfg, model, run, step, run.epoch_start)
+        stop_here(run, step)
+
+
+def stop_asked(run):
+    """Whether a stop signal reached any rank (one all-reduce)."""
+    stop = torch.tensor(float(bool(STOP["signal"])), device=run.params[0].device)
+    return bool(sum_over_ranks(stop, run.world, "max").item())
+
+
+def save(cfg, model, run, step, epoch_start=()):
+    """Rank 0 writes the run's checkpoint at `step` (checkpoints.save_checkpoint)."""
+    if run.rank == 0:
+        names = [run.adapter, *run.extra]
+        state = ck.checkpoint_state(cfg, step, [run.opt, *(a.opt for a in run.extra.values())],
+                                    [run.ema], run.aux,
+                                    {"elapsed": run.elapsed, "passes": dict(model.passes)},
+                                    epoch_start)
+        ck.save_checkpoint(run.dir, step, [adapter_state(model.tr, n) for n in names], state)
+
+
+def stop_here(run, step):
+    barrier(run.world)
+    raise Stopped(f"stopped at step {step}, checkpoint written to {run.dir} "
+                  f"({STOP['signal'] or 'another rank was signalled'}); --resume continues")
 
 
 def finish_run(cfg, model, run, trajectories):

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from opd_support.options import UserError
+
 TOY_ADJECTIVES = ("plain", "simple", "smooth", "clean")
 TOY_MODELS = ("tiny", "tiny-conflict")
 RECIPES = {"tiny": "tiny-v4", "tiny-conflict": "tiny-conflict-v1"}  # bump when build_offline,
@@ -220,20 +222,24 @@ def pretrain_tiny(pipe, kind="tiny", vae_steps=150, steps=500, seed=0):
 def tiny_pipeline(kind="tiny", rank=0, world=1):
     """A toy model (tiny, tiny-conflict): build_offline(kind) pretrained once by pretrain_tiny,
     then cached as safetensors (in $OPD_CACHE, default ~/.cache/diffusion-opd) and loaded by
-    every later run and every rank, so all of them use the same weights."""
-    from safetensors.torch import load_file, save_file
+    every later run and every rank, so all of them use the same weights. A cached file that
+    cannot be used (cut short, another file, NaN weights, ...) is built again, with one line."""
+    from safetensors.torch import save_file
     cache = (os.environ.get("OPD_CACHE")
              or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-opd"))
     path = os.path.join(cache, RECIPES[kind] + ".safetensors")
     pipe = build_offline(kind)
-    parts = {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder,
-             "te2": pipe.text_encoder_2}
-    if rank == 0 and not os.path.isfile(path):
+    why = load_cached(pipe, path) if rank == 0 and os.path.isfile(path) else None
+    if rank == 0 and (why or not os.path.isfile(path)):
+        if why:
+            print(f"warning: the cached {kind} model is unusable ({why}): built again",
+                  flush=True)
+            pipe = build_offline(kind)  # from its random start, as a first build
         print(f"pretraining the {kind} model once (~2 min), cached at {path}", flush=True)
         t0 = time.time()
         with torch.random.fork_rng():
             loss = pretrain_tiny(pipe, kind)
-        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts.items()
+        state = {f"{k}.{n}": v.detach().contiguous() for k, mod in parts_of(pipe).items()
                  for n, v in mod.state_dict().items()}
         meta = {"scaling_factor": str(pipe.vae.config.scaling_factor),
                 "shift_factor": str(pipe.vae.config.shift_factor)}
@@ -243,14 +249,43 @@ def tiny_pipeline(kind="tiny", rank=0, world=1):
         os.replace(tmp, path)
         print(f"{kind} model pretrained in {time.time() - t0:.0f}s (flow-matching loss {loss:.3f})",
               flush=True)
+        why = load_cached(pipe, path)  # every rank loads the same file
     if world > 1:
         torch.distributed.barrier()
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    state = load_file(path)
-    for k, mod in parts.items():
-        mod.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
-    pipe.vae.register_to_config(scaling_factor=float(meta["scaling_factor"]),
-                                shift_factor=float(meta["shift_factor"]))
+    if rank or why:  # other ranks: rank 0 checked the file; rank 0: the file it just wrote
+        why = load_cached(pipe, path)
+    if why:
+        raise UserError(f"the cached {kind} model {path} cannot be used ({why})")
     return pipe
+
+
+def parts_of(pipe):
+    return {"transformer": pipe.transformer, "vae": pipe.vae, "te1": pipe.text_encoder,
+            "te2": pipe.text_encoder_2}
+
+
+def load_cached(pipe, path):
+    """Load the cached weights into the pipeline; None, or why the file cannot be used (then
+    the pipeline may be half loaded): not a whole safetensors file, a tensor missing, extra, of
+    another shape or dtype, non-finite values, or no usable VAE scale and shift."""
+    from opd_support.checkpoints import first_line, read_weights
+    try:
+        state, meta = read_weights(path)
+        for k, mod in parts_of(pipe).items():
+            mine = mod.state_dict()
+            theirs = {n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")}
+            wrong = [n for n in mine if n in theirs and theirs[n].dtype != mine[n].dtype]
+            if wrong:
+                return f"{k}.{wrong[0]} is {theirs[wrong[0]].dtype}, not {mine[wrong[0]].dtype}"
+            mod.load_state_dict(theirs)  # strict: a missing, extra or reshaped tensor raises
+        if len(state) != sum(len(mod.state_dict()) for mod in parts_of(pipe).values()):
+            return "it holds tensors of no part of the model"
+        scale, shift = float(meta["scaling_factor"]), float(meta["shift_factor"])
+        if not (0 < scale < float("inf") and abs(shift) < float("inf")):
+            return f"its VAE scale and shift are {scale} and {shift}"
+    except UserError as e:
+        return str(e)
+    except (RuntimeError, KeyError, ValueError) as e:
+        return first_line(e)
+    pipe.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    return None

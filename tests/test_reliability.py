@@ -60,12 +60,120 @@ def test_killed_or_stopped_then_resumed_equals_uninterrupted(stage, tmp_path, te
     assert p.returncode == 75 and seconds < 30, (p.returncode, err[-2000:])
     assert lines[-1].startswith("stopped at step ") and "--resume continues" in lines[-1]
     step = int(lines[-1].split()[3].rstrip(","))
-    assert step < 6 and (stage != "teacher" or step % 2 == 0)  # a teacher: its epoch's end
+    assert step < 6  # a teacher: before its next update, inside an epoch or at its end
     assert os.path.isdir(os.path.join(c, sub, f"ckpt-{step:07d}"))
     assert not os.path.exists(os.path.join(c, sub, LORA_FILE))
     r = ok(run(*term, "--out", c, "--resume", script=script))
     assert f"resumed {os.path.join(c, sub)} at step {step}" in r.stdout
     assert max_diff(lora(os.path.join(a, sub)), lora(os.path.join(c, sub))) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_stop_inside_an_rl_epoch_resumes_exactly(tmp_path):
+    """SIGUSR1 after the first update of a 4-update GRPO-Guard epoch: the run stops before its
+    next update (not at the epoch's end), exit code 75, its checkpoint holding the weights the
+    epoch began with; --resume draws the epoch's samples again from them and ends with the
+    uninterrupted run's LoRA and training rows (max difference <= 1e-6)."""
+    import signal
+    import time
+    args = ["--stage", "teacher", "--optim_steps", "8", "--updates_per_epoch", "4", *SMALL,
+            "--batch_size", "16", "--save_every", "100"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ok(run(*args, "--out", a))
+    p = _start(args, b, "opd.py")
+    rows = os.path.join(b, "teacher-color", "metrics.jsonl")
+    assert _wait_for(rows, p, lambda t: '"step": 1,' in t and '"grad_norm"' in t)
+    t0 = time.time()
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=120)
+    seconds = time.time() - t0
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert p.returncode == 75 and seconds < 30, (p.returncode, err[-2000:])
+    step = int(last.split()[3].rstrip(","))
+    assert 1 <= step <= 3, last  # inside the first epoch (steps 0..3), not at its end
+    from opd_support import checkpoints as ck
+    state = ck.read_state(os.path.join(b, "teacher-color", f"ckpt-{step:07d}", "state.pt"))
+    assert state["step"] == step and state["epoch_start"]
+    r = ok(run(*args, "--out", b, "--resume"))
+    assert f"at step {step}" in r.stdout
+    assert max_diff(lora(os.path.join(a, "teacher-color")), lora(os.path.join(b, "teacher-color"))
+                    ) <= 1e-6
+    rows_a, rows_b = ([{k: v for k, v in json.loads(line).items() if k != "elapsed"}
+                       for line in open(os.path.join(o, "teacher-color", "metrics.jsonl"))]
+                      for o in (a, b))
+    assert len(rows_a) == len(rows_b) == 8
+    for x, y in zip(rows_a, rows_b):
+        assert x.keys() == y.keys() and all(abs(x[k] - y[k]) <= 1e-6 * (1 + abs(x[k])) for k in x)
+
+
+@pytest.mark.slow
+def test_resume_continues_a_finished_run_or_says_it_is_done(tmp_path, teacher_dir):
+    """A distillation that finished at step 2 (its checkpoint written at its end, --save_every
+    20), then --resume --optim_steps 4: it continues from that checkpoint and ends with the LoRA
+    of one 4-step run (max difference <= 1e-6). Asked for no more steps, or more without
+    --resume, it says in one line that it is done and changes nothing; asked to continue with
+    another rank and learning rate, one line lists both, exit code 2, nothing changes."""
+    args = ["--stage", "distill", "--teachers", f"color={teacher_dir}", *SMALL, "--save_every",
+            "20"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ok(run(*args, "--optim_steps", "4", "--out", a))
+    ok(run(*args, "--optim_steps", "2", "--out", b))
+    r = ok(run(*args, "--optim_steps", "4", "--resume", "--out", b))
+    assert "resumed" in r.stdout and "at step 2" in r.stdout
+    student = os.path.join(b, "student")
+    assert max_diff(lora(os.path.join(a, "student")), lora(student)) <= 1e-6
+    before = tree(b)
+    for extra, needle in [(["--optim_steps", "3", "--resume"], "(--overwrite to redo)"),
+                          (["--optim_steps", "4", "--resume"], "(--overwrite to redo)"),
+                          (["--optim_steps", "6"], "(--resume continues it to step 6)")]:
+        r = ok(run(*args, *extra, "--out", b))
+        done = [line for line in r.stdout.splitlines() if "reused" in line]
+        assert len(done) == 1 and "trained for --optim_steps 4" in done[0] and needle in done[0]
+    for steps in ("6", "4"):  # to continue, or done: either way not the run it asks for
+        r = run(*args, "--optim_steps", steps, "--resume", "--lora_rank", "8", "--lr", "0.01",
+                "--out", b)
+        one_line_error(r, f"{student} was trained with --lora_rank 32 (now 8), --lr 0.003 (now "
+                          f"0.01)")
+    assert tree(b) == before
+
+
+def test_resume_compares_every_option_but_those_that_may_change(teacher_dir, tmp_path):
+    """One rule over every Config field: each one changed alone stops --resume with one line
+    naming it, unless it is among those that may change (config.RESUMABLE; a teacher's also
+    TEACHER_RESUMABLE, which a student's run compares), against a checkpoint's config and a
+    finished run's config.json alike; several changed are listed together."""
+    import dataclasses
+    import shutil
+    from opd_support import checkpoints as ck
+    from opd_support import runs
+    from opd_support.config import RESUMABLE, TEACHER_RESUMABLE, Config
+    saved = ck.read_state(os.path.join(teacher_dir, ck.checkpoints(teacher_dir)[-1],
+                                       "state.pt"))["config"]
+    cfg = Config(**saved)
+    student = str(tmp_path / "student")  # the same checkpoints in a folder of another stage
+    shutil.copytree(teacher_dir, student)
+
+    def other(v):
+        return not v if type(v) is bool else v + 1 if type(v) is int else \
+            v * 2 + 1 if type(v) is float else v + ",x"
+    assert ck.check_resume(teacher_dir, cfg)[1]["step"] == 2
+    for f in dataclasses.fields(Config):
+        changed = dataclasses.replace(cfg, **{f.name: other(getattr(cfg, f.name))})
+        for folder, free in [(teacher_dir, RESUMABLE | TEACHER_RESUMABLE),
+                             (student, RESUMABLE)]:
+            for check in (lambda: ck.check_resume(folder, changed),  # the checkpoint's
+                          lambda: runs.plan(folder, dataclasses.replace(changed, resume=True),
+                                            "x")):  # a finished run's config.json
+                if f.name in free:
+                    check()
+                else:
+                    with pytest.raises(machinery.UserError, match=f"--{f.name} "):
+                        check()
+    both = dataclasses.replace(cfg, lora_rank=8, seed=3, optim_steps=99)
+    with pytest.raises(machinery.UserError) as e:
+        ck.check_resume(teacher_dir, both)
+    assert "--seed 0 (now 3), --lora_rank 32 (now 8): give the same" in str(e.value)
+    assert "\n" not in str(e.value) and "optim_steps" not in str(e.value)
 
 
 def test_same_seed_same_weights_other_seed_not(tmp_path):
@@ -205,7 +313,9 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch)
     from opd_support import checkpoints as ck
     run_dir = str(tmp_path)
     w = {"w": torch.ones(1000)}
-    ck.save_checkpoint(run_dir, 1, [w], {"step": 1, "x": torch.zeros(10)})
+    state = {"step": 1, "optimizers": [], "config": {}, "emas": [], "aux": [],
+             "torch_rng": torch.get_rng_state(), "x": torch.zeros(10)}
+    ck.save_checkpoint(run_dir, 1, [w], state)
     before = tree(run_dir)
 
     def full(*a, **k):
@@ -213,7 +323,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(machinery.UserError, match=rf"cannot write to {run_dir}: No space left on "
                                                   r"device \(about 0 MB needed"):
-        ck.save_checkpoint(run_dir, 2, [w], {"step": 2, "x": torch.zeros(10)})
+        ck.save_checkpoint(run_dir, 2, [w], {**state, "step": 2})
     assert tree(run_dir) == before and ck.verify(os.path.join(run_dir, "ckpt-0000001")) is None
 
 
