@@ -197,8 +197,8 @@ def checkpoint(tmp_path):
     opt = torch.optim.AdamW(w, lr=1e-3)
     sum(p.sum() for p in w).backward()
     opt.step()
-    state = ck.checkpoint_state(Config(), 2, [opt], [EMA(w, 0.9, 1)], [], {"elapsed": 1.0, "passes":
-                                                                           {"grad": 8, "nograd": 0}})
+    counters = {"elapsed": 1.0, "passes": {"grad": 8, "nograd": 0}}
+    state = ck.checkpoint_state(Config(), 2, [opt], [EMA(w, 0.9, 1)], [], counters)
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
     ck.save_checkpoint(run_dir, 2, [{"a.lora_A.weight": w[0].detach(),
@@ -263,7 +263,8 @@ def test_a_checkpoint_of_other_shapes_does_not_restore(checkpoint, tiny_sd3):
         from opd_support.machinery import EMA
         opt, ema = torch.optim.AdamW(params, lr=1e-3), EMA(params, 0.9, 1)
         weights = loras.adapter_state(m.tr, "x")
-        good = ck.checkpoint_state(cfg, 2, [opt], [ema], [], {"elapsed": 0, "passes": {"grad": 0, "nograd": 0}})
+        good = ck.checkpoint_state(cfg, 2, [opt], [ema], [],
+                                   {"elapsed": 0, "passes": {"grad": 0, "nograd": 0}})
         for case, w, state in [
                 ("another model's weights", None, good),
                 ("a misshapen weight", first(weights, lambda t: torch.zeros(3, 3)), good),
