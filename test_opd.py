@@ -80,8 +80,8 @@ def test_closed_form_kl_matches_monte_carlo():
     mc, se = log_ratio.mean(), log_ratio.std() / n**0.5
     closed = opd.opd_loss(mu_s[None], mu_t[None], torch.tensor([s]))[0] * D
     assert abs(closed - mc) < 4 * se
-    # ODE (std = 0): 1/2 ||mu_S - mu_T||^2 / D
-    assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None], torch.zeros(1))[0],
+    # ODE (no std: Eq. 12): 1/2 ||mu_S - mu_T||^2 / D
+    assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None])[0],
                           0.5 * (mu_s - mu_t).pow(2).mean())
 
 
@@ -97,12 +97,18 @@ def test_sde_weight_sigma_is_the_public_codes_one_over_two_sigma_squared():
     mu_t, _ = opd.transition(x, v_t, t, t_next, a)
     sigma2 = a**2 * t / (1 - t)
     d2 = (mu_s - mu_t).pow(2).flatten(1).mean(1)
-    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std, t_next - t, "sigma"), d2 / (2 * sigma2),
-                          rtol=1e-5)
+    assert torch.allclose(opd.sigma_weighted_opd_loss(mu_s, mu_t, std, t_next - t),
+                          d2 / (2 * sigma2), rtol=1e-5)
     assert torch.allclose(opd.opd_loss(mu_s, mu_t, std), d2 / (2 * sigma2 * (t - t_next)),
                           rtol=1e-5)
-    zero = torch.zeros(2)  # ODE rows keep 1/2 under either weight
-    assert torch.equal(opd.opd_loss(mu_s, mu_t, zero, t_next - t, "sigma"), 0.5 * d2)
+    for weight in ("kl", "sigma"):  # as the Sampler selects them, on the SDE and on the ODE
+        sde, ode = (opd.Sampler(sig, level, sde_weight=weight) for level in (a, 0.0))
+        want = d2 / (2 * sigma2 * (t - t_next)) if weight == "kl" else d2 / (2 * sigma2)
+        assert torch.allclose(opd.sampler_step_loss(mu_s, mu_t, std, None, t_next - t, sde),
+                              want, rtol=1e-5)
+        zero = torch.zeros(2)  # the ODE's step keeps 1/2 under either weight (Eq. 12)
+        assert torch.equal(opd.sampler_step_loss(mu_s, mu_t, zero, None, t_next - t, ode),
+                           0.5 * d2)
 
 
 @pytest.mark.parametrize("s", [0.05, 0.5])
@@ -117,7 +123,7 @@ def test_ppo_gradient_mean_equals_closed_form(s):
     x_next = mu0 + s * torch.randn(n, D, generator=g)
     std = torch.full((n,), s)
     ppo = opd.Sampler(opd.sd3_sigmas(2), 1.0, loss="ppo")
-    opd.step_loss(mu, mu_t.expand(n, D), std, x_next, None, ppo).sum().backward()
+    opd.sampler_step_loss(mu, mu_t.expand(n, D), std, x_next, None, ppo).sum().backward()
     per_draw = mu.grad
     mu1 = mu0.clone().requires_grad_(True)
     opd.opd_loss(mu1[None], mu_t[None], torch.tensor([s])).sum().backward()
@@ -163,7 +169,8 @@ def test_group_advantages_global_std():
 
 def test_nft_optimality_probability():
     a = torch.tensor([-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0])
-    assert torch.allclose(opd.nft_r(a), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+    assert torch.allclose(opd.nft_optimality(a),
+                          torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.1])
@@ -409,7 +416,7 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
     sig = opd.sd3_sigmas(3)
     try:
         one = runs.single_process()
-        samples, _, _ = opd.rl_sample(cfg, m, [task], 0, one)
+        samples, _ = opd.rl_sample(cfg, m, [task], 0, one)
         mine, traj, adv = samples[0].prompts, samples[0].traj, samples[0].advantages
 
         def losses(rows):  # the step-0 loss of these samples, both ratio forms, today's weights

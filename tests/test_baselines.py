@@ -36,16 +36,16 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
     b = task("b", 1000.0, ["a bright cat on the left", "a bright dog on the right"])
     m.trainable = sd3.add_lora(m.tr, "policy", cfg)
     try:
-        batches, rewards_, _ = opd.rl_sample(cfg, m, [a, b], 0, ONE)
+        batches, stats = opd.rl_sample(cfg, m, [a, b], 0, ONE)
         seen_b = seen.pop("b")
-        alone, _, _ = opd.rl_sample(cfg, m, [a], 0, ONE)
+        alone, _ = opd.rl_sample(cfg, m, [a], 0, ONE)
     finally:
         sd3.drop_adapters(m)
     assert set(seen["a"]) <= set(a.train) and set(seen_b) <= set(b.train) and len(seen_b) == 4
     for samples in batches:  # zero mean within every prompt's group
         assert torch.allclose(samples.advantages.view(-1, 2).sum(1), torch.zeros(2), atol=1e-4)
     assert torch.equal(batches[0].advantages, alone[0].advantages)  # b's scale does not reach a
-    assert rewards_["b"] > 100 * rewards_["a"]
+    assert stats["reward_b"] > 100 * stats["reward_a"]
 
 
 def test_compare_runs_every_method_tiny(tmp_path):
