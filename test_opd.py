@@ -244,6 +244,32 @@ def test_nft_old_adapter_decay_schedule():
     assert opd.nft_decay(c, 10) == pytest.approx(0.01) and opd.nft_decay(c, 900) == 0.5
 
 
+def test_the_docstrings_table_is_the_defaults():
+    """opd.py's table of the values that matter, against the defaults a run resolves from
+    opd_support/config.py (STAGE_DEFAULTS, MODEL_DEFAULTS, the Config's own): every row, and a
+    row for every (model, stage, algorithm) of the stage table."""
+    doc = opd.__doc__.splitlines()
+    head = next(i for i, line in enumerate(doc) if line.split()[:2] == ["model", "stage"])
+    rows = [re.split(r"\s{2,}", line.strip()) for line in doc[head + 1:] if
+            line.split() and line.split()[0] in ("tiny", "SD3.5-M")]
+    models = {"tiny": "tiny", "SD3.5-M": "stabilityai/stable-diffusion-3.5-medium"}
+    stages = {"teacher, GRPO-Guard": ("teacher", "grpo_guard"), "teacher, NFT": ("teacher", "nft"),
+              "distill": ("distill", None)}
+    seen = set()
+    for model, stage, a, guidance, lr, batch, k, clip, steps, group in rows:
+        name, algo = stages[stage]
+        c = config.resolve(config.parse_config(["--model", models[model], "--stage", name,
+                                                "--algo", algo or "grpo_guard"]), name)
+        seen.add((config.model_kind(c.model), name, algo))
+        assert (float(a), float(guidance), float(lr)) == (c.noise_level, c.guidance, c.lr), stage
+        assert (int(batch), int(k), int(steps)) == (c.batch_size, c.updates_per_epoch,
+                                                    c.sampler_steps), (model, stage)
+        assert clip == "-" if algo != "grpo_guard" else float(clip) == c.clip_range, stage
+        assert group == "-" if name != "teacher" else int(group) == c.group_size, stage
+    assert len(rows) == len(seen) == len(config.STAGE_DEFAULTS)
+    assert seen == set(config.STAGE_DEFAULTS)
+
+
 def module_imports():
     """{module: the project's modules it imports} for every non-test module (the support
     package's as opd_support.<name>), read from the source, imports inside functions included."""
