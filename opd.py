@@ -69,8 +69,8 @@ from opd_support.sd3 import sd3_sigmas
 
 
 # ---------------------------------------------------------------------------------------------
-# maths: the flow-matching SDE/ODE step, log-densities, the closed-form OPD loss, PPO,
-# GRPO-Guard, DiffusionNFT. Shared by the 2D toy (sanity.py) and SD3.
+# maths: the flow-matching SDE/ODE step, log-densities, the paper's closed-form OPD loss and its
+# two variants, GRPO-Guard, DiffusionNFT. Shared by the 2D toy (sanity.py) and SD3.
 # Paper symbols -> code: t_j -> t, t_{j+1} -> t_next, dt_j -> dt, a -> noise_level,
 # sigma_t -> sigma, sigma-bar_j (full transition std) -> std, mu_j -> mu, x_j -> x.
 # Convention: t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; v = eps - x0.
