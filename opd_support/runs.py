@@ -331,7 +331,7 @@ def after_step(cfg, run, end, row):
     rewards = [v for k, v in row.items() if k.startswith("reward_")]
     if rewards:
         run.bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}")
-    if end % run.every == 0:
+    if (end - run.start) % run.every == 0:  # the round's (the epoch's) last step
         checkpoint(cfg, run.model, run, end - run.every, end)
 
 
