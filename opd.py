@@ -75,10 +75,10 @@ from opd_support.sd3 import sd3_sigmas
 # sigma_t -> sigma, sigma-bar_j (full transition std) -> std, mu_j -> mu, x_j -> x.
 # Convention: t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; v = eps - x0.
 # ---------------------------------------------------------------------------------------------
-def bcast(s, x):
+def bcast(value, x):
     """A (B,) tensor -> shape (B, 1, 1, ...) to broadcast against x (a scalar stays 0-d), fp32."""
-    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
-    return s.reshape(s.shape + (1,) * (x.dim() - s.dim())) if s.dim() else s
+    value = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    return value.reshape(value.shape + (1,) * (x.dim() - value.dim())) if value.dim() else value
 
 
 def transition(x, v, t, t_next, noise_level):
@@ -119,9 +119,9 @@ def gaussian_logp(x_next, mu, std, reduce="mean"):
     """log N(x_next; mu, std^2 I) per sample, (B,). reduce='mean' averages the per-element
     log-density over latent elements (Flow-GRPO's convention: its tiny clip ranges assume it);
     reduce='sum' is the true log-density of the transition."""
-    s = bcast(std, x_next)
-    # log p = -(x - mu)^2 / (2 s^2) - log s - log sqrt(2 pi), per element
-    lp = -((x_next.float() - mu) ** 2) / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    sd = bcast(std, x_next)
+    # log p = -(x - mu)^2 / (2 std^2) - log std - log sqrt(2 pi), per element
+    lp = -((x_next.float() - mu) ** 2) / (2 * sd**2) - torch.log(sd) - 0.5 * math.log(2 * math.pi)
     lp = lp.flatten(1)
     return lp.mean(1) if reduce == "mean" else lp.sum(1)
 
@@ -217,8 +217,8 @@ def group_advantages(rewards, groups, clip=5.0, eps=1e-4, global_std=False):
     rewards (B,), groups (B,) integer group ids (one group per prompt)."""
     rewards = rewards.float()
     adv = torch.zeros_like(rewards)
-    for g in groups.unique():
-        in_group = groups == g
+    for group_id in groups.unique():
+        in_group = groups == group_id
         group = rewards[in_group]
         std = (rewards if global_std else group).std(unbiased=False)
         adv[in_group] = (group - group.mean()) / (std + eps)
@@ -402,11 +402,11 @@ def rl_sample(cfg, model, tasks, first, run):
     G, nft = cfg.group_size, cfg.algo == "nft"
     n = cfg.updates_per_epoch * cfg.batch_size  # the epoch's trajectories per task, all ranks
     sigmas, samples, rewards, flat_groups = sd3_sigmas(cfg.sampler_steps), [], {}, {}
-    for i, task in enumerate(tasks):  # the epoch's prompts: draw number first // K
+    for m, task in enumerate(tasks):  # the epoch's prompts: draw number first // K
         draw = first // cfg.updates_per_epoch
-        prompts = [p for p in draw_prompts(cfg, task, draw, i, n // G) for _ in range(G)]
+        prompts = [p for p in draw_prompts(cfg, task, draw, m, n // G) for _ in range(G)]
         mine = runs.my_share(prompts, run)
-        g = rng(cfg.seed, "rollout", i, run.rank, step=first)
+        g = rng(cfg.seed, "rollout", m, run.rank, step=first)
         parts = []
         for s in chunks(len(mine), cfg.micro_batch):
             policy = model.velocity("old" if nft else "policy", mine[s], cfg.guidance)
@@ -431,7 +431,7 @@ def grpo_guard_update(cfg, model, samples, rows, run):
     approx_kl (0.5 mean (log ratio)^2)."""
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
     stats = torch.zeros(4, dtype=torch.float64, device=model.device)  # summed on the device
-    for task_samples in samples:  # one task's
+    for task_samples in samples:  # each task's
         traj = task_samples.traj
         for half, s in micro_batches(b, cfg.micro_batch):  # half: --log_conflict's
             idx = rows[s]
@@ -462,8 +462,8 @@ def nft_update(cfg, model, samples, rows, step, run):
     of the sampler's N times (nft_timesteps), each at x_t = (1 - t) x0 + t eps with fresh eps,
     the loss nft_loss against the old adapter, plus its KL to the base (mean (v - v_ref)^2)."""
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
-    for i, task_samples in enumerate(samples):  # one task's
-        g = rng(cfg.seed, "nft", i, run.rank, step=step)  # times and fresh noise
+    for m, task_samples in enumerate(samples):  # task m's
+        g = rng(cfg.seed, "nft", m, run.rank, step=step)  # times and fresh noise
         for half, s in micro_batches(b, cfg.micro_batch):  # half: --log_conflict's
             idx = rows[s]
             ps = [task_samples.prompts[index] for index in idx]
