@@ -315,6 +315,7 @@ def test_import_has_no_side_effects_and_imports_run_one_way():
         assert f == "opd.py" or not re.search(r"\bopd\._|from opd import[^\n]*\b_", text), f
 
 
+@pytest.mark.slow
 def test_sanity_quick():
     import sanity
     out = sanity.main(["--quick", "--figure", ""])
@@ -475,6 +476,7 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
     assert (l_rn - l_pl).abs().max() > 1e-4 * l_rn.abs().max()  # RatioNorm changes the loss
 
 
+@pytest.mark.slow
 def test_teacher_metrics_log_each_update_and_the_clip_acts(teacher_dir):
     """The tiny GRPO-Guard teacher (one epoch, two updates): clipfrac and mean |ratio - 1| per
     update, 0 on the on-policy first, above 0 on the second."""
@@ -525,6 +527,7 @@ def test_prompt_embeddings_stay_within_the_cache_bound(tiny_sd3):
         m.cfg = cfg
 
 
+@pytest.mark.slow
 def test_reduced_run_teacher_beats_base_and_student_keeps_it(tmp_path):
     """`python opd.py` at a reduced scale (the position task alone, half the steps): the
     GRPO-Guard teacher must beat the base on held-out prompts by a margin that a broken reward
@@ -546,6 +549,7 @@ def test_reduced_run_teacher_beats_base_and_student_keeps_it(tmp_path):
     assert r.returncode == 0 and "reused" in r.stdout
 
 
+@pytest.mark.slow
 def test_reduced_nft_teacher_improves_its_task(tmp_path):
     """A DiffusionNFT teacher (CFG-free ODE samples of the old adapter, the forward-process loss)
     on the colour task beats the base, both sampled CFG-free as NFT's models are evaluated."""
@@ -568,6 +572,7 @@ def test_reduced_nft_teacher_improves_its_task(tmp_path):
         table, base_cfg_free)  # measured with fixed timesteps (an earlier version): +0.101
 
 
+@pytest.mark.slow
 def test_base_only_eval_and_eval_of_any_subset(tmp_path, teacher_dir):
     """--stage eval on a fresh --out evaluates the base alone (it crashed in peft before); with
     one teacher folder and an extra --lora it evaluates those."""

@@ -48,6 +48,7 @@ def test_joint_batch_routes_each_image_to_its_task_reward(tiny_sd3):
     assert stats["reward_b"] > 100 * stats["reward_a"]
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_tiny(tmp_path):
     """--stage compare at toy sizes: teachers, OPD and every student of the same teachers, joint
     RL with both algorithms, cascade NFT; each with its validation curve; one table with every
@@ -114,6 +115,7 @@ def test_compare_runs_every_method_tiny(tmp_path):
     assert list(json.load(open(os.path.join(grid, "eval.json")))) == rows[:3] + ["student"]
 
 
+@pytest.mark.slow
 def test_noise_ablation_stage_writes_curves(tmp_path, teacher_dir):
     """--stage noise --seeds 0,1: every run per seed (both SDE weights), its curves, and the
     seeds' summary of rounds to 50 / 75 / 90% of the final gain."""
@@ -471,6 +473,7 @@ def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, lo
             and moved > 0)
 
 
+@pytest.mark.slow
 def test_dmd_and_tdm_run_from_the_command_line_and_their_loras_load(tmp_path, teacher_dir):
     """`baselines.py --stage distill --loss dmd|tdm`, tiny; diffusers' load_lora_weights loads the
     student. Every other student runs from the

@@ -164,6 +164,7 @@ def test_plateau_rule_on_made_up_curves():
     assert not evaluation.plateaued(flat[:3], 3, 0.005)  # too few evaluations to judge
 
 
+@pytest.mark.slow
 def test_conflict_tasks_run_and_joint_rl_logs_cosines_and_the_floor(tmp_path):
     """The three new tasks from the command line, `baselines.py --stage joint --model
     tiny-conflict --tasks vivid,faded,exact --log_conflict`, tiny: every

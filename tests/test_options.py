@@ -175,6 +175,7 @@ def test_bad_input_through_the_command_line(args, needle, tmp_path):
     one_line_error(r, needle)
 
 
+@pytest.mark.slow
 def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
     out = str(tmp_path / "o")
     assert run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", out).returncode == 0
@@ -191,6 +192,7 @@ def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_more_bad_inputs(tmp_path, teacher_dir):
     from safetensors.torch import save_file
     bad = tmp_path / "other-model"

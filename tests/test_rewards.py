@@ -15,6 +15,7 @@ from opd_support import tiny
 from opd_support.loras import LORA_FILE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["ocr", "geneval", "aesthetic"])
 def test_real_tasks_run_with_built_in_prompts(task, tmp_path):
     """No --prompts: the built-in sets. OCR (rapidocr ships its models) trains on the tiny model;
