@@ -437,8 +437,8 @@ def test_tdm_renoise_stays_in_the_stage_and_on_the_forward_marginal():
 @pytest.mark.parametrize("loss", ["dmd", "tdm"])
 def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, loss):
     """No gradient reaches the fake from the student's loss: its grads are None on entry to its
-    update (DMD's student loss comes before) and after the round (TDM's comes after; the step
-    leaves them None); the teacher's stay None; the student's are non-zero; the fake moved."""
+    update (DMD's student loss comes before) and after the round exactly what its own update left
+    (TDM's comes after); the teacher's stay None; the student's are non-zero; the fake moved."""
     m, _ = tiny_sd3
     cfg = config.resolve(config.parse_config(["--stage", "distill", "--loss", loss,
                                               "--sampler_steps", "3", "--batch_size", "2"],
@@ -450,11 +450,12 @@ def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, lo
     randomise(m.tr, "student", 2)
     m.active = "?"
     teacher = [p for n, p in m.tr.named_parameters() if ".teacher-color." in n]
-    before, seen, inner = [p.detach().clone() for p in fake], [], baselines.update_fake
+    before, seen, left, inner = [p.detach().clone() for p in fake], [], [], baselines.update_fake
 
-    def update_fake(*a, **k):  # what the fake's grads were on entry
+    def update_fake(*a, **k):  # what the fake's grads were on entry, and what its update left
         seen.append([p.grad for p in fake])
         inner(*a, **k)
+        left.append([p.grad.clone() for p in fake])
     monkeypatch.setattr(baselines, "update_fake", update_fake)
     monkeypatch.setattr(baselines, "DMD_FAKE_UPDATES", 1)
     run_ = types.SimpleNamespace(rank=0, world=1, params=student, extra={
@@ -467,7 +468,8 @@ def test_dmd_tdm_student_loss_reaches_only_the_student(tiny_sd3, monkeypatch, lo
         moved = max((p.detach() - q).abs().max().item() for p, q in zip(fake, before))
     finally:
         sd3.drop_adapters(m)
-    assert len(seen) == 1 and all(g is None for g in seen[0]) and all(g is None for g in after)
+    assert len(seen) == 1 and all(g is None for g in seen[0])
+    assert all(torch.equal(g, g_left) for g, g_left in zip(after, left[0], strict=True))
     assert all(g is None for g in teacher_grads)
     assert (all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
             and moved > 0)
