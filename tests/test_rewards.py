@@ -182,6 +182,7 @@ def test_reward_mixture_weights_and_bad_specs():
             rewards.load(bad)
 
 
+@pytest.mark.slow
 def test_reward_offline_error_names_the_model(tmp_path):
     """No network: the first call (or --time) stops with one line naming the model id."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
