@@ -26,8 +26,8 @@ import torch
 
 from opd_support import checkpoints as ck
 from opd_support import conflict
-from opd_support.evaluation import validate
 from opd_support.config import parse_pairs, resolve
+from opd_support.evaluation import validate
 from opd_support.loras import LORA_FILE, adapter_state, layout, local_folder, save_lora
 from opd_support.machinery import (EMA, Trackers, append_jsonl, average_gradients, bar, barrier,
                                    check_in_sync, compile_model, config_text, cost, dist_setup,
