@@ -180,8 +180,8 @@ def offpolicy_trajectory(student, teacher, x, sampler, generator=None, scale=1.0
     logged = 0.0
     for j in sampler.loss_steps:
         xj = traj["states"][:, j]
-        mu_s, std = transition(xj, student(xj, sig[j]), sig[j], sig[j + 1], 0.0)
-        loss = opd_loss(mu_s, traj["means"][:, j], std).mean() / n
+        mu_s, _ = transition(xj, student(xj, sig[j]), sig[j], sig[j + 1], 0.0)
+        loss = opd_loss(mu_s, traj["means"][:, j]).mean() / n  # the ODE's (Eq. 12)
         (loss * scale).backward()
         logged += float(loss.detach())
     return traj["states"][:, -1], logged
@@ -488,23 +488,17 @@ def extra_adapters(cfg):
 
 def distill_baseline(cfg, model, tasks, teacher_dirs, name):
     """A student of the same teachers by another method (--loss, ROUNDS), through opd.distill's
-    rounds: each round the method's gradient, then one optimizer step, EMA, log, checkpoint."""
+    rounds: each round the method's gradient, then one optimizer step and the bookkeeping."""
     run = runs.start_run(cfg, model, name, "student", extra=extra_adapters(cfg))
     if run is None:
         return
-    guidance = opd.load_teachers(cfg, model, teacher_dirs)
-    for r in runs.rounds(run, run.start, cfg.optim_steps):
-        if evaluation.validate(cfg, model, tasks, run, r):
-            break
-        t0 = time.perf_counter()
-        runs.embed_round_prompts(cfg, model, tasks, r, run)
+    guidance = opd.load_teachers_and_guidance(cfg, model, teacher_dirs)
+    for r in runs.each_round(cfg, model, tasks, run):  # + validation, the text encoders ahead
+        run.opt.zero_grad(set_to_none=True)
         losses = ROUNDS[cfg.loss](cfg, model, tasks, r, run, guidance)
         grad_norm = runs.optimizer_step(cfg, run)
-        run.ema.step(r + 1)
-        run.elapsed += time.perf_counter() - t0
-        run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm)
-        runs.checkpoint(cfg, model, run, r, r + 1)
-    evaluation.validate(cfg, model, tasks, run, None)
+        row = {**{f"loss_{task}": v for task, v in losses.items()}, "grad_norm": grad_norm}
+        runs.after_step(cfg, run, r + 1, row)  # EMA, time, log, checkpoint
     runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
 
 

@@ -535,7 +535,7 @@ def gpu_check(cfg):
             m.active = "?"
             with measured(m, peak) as r:
                 one = runs.single_process()
-                samples, _, _ = opd.rl_sample(rc, m, tasks[:1], 0, one)
+                samples, _ = opd.rl_sample(rc, m, tasks[:1], 0, one)
                 if algo == "grpo_guard":
                     opd.grpo_guard_update(rc, m, samples, torch.arange(9), one)
                 else:

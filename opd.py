@@ -4,7 +4,7 @@ text-to-image student (Stable Diffusion 3 / 3.5), after arXiv 2605.15055. This f
 method; what is not (options, run folders, evaluation, the model wrapper) is in opd_support/.
 
 Run manual (README.md has the numbers to expect)
-    python opd.py               # tiny SD3, offline, 2 CPU cores, 4-7 min: 3 teachers, distil,
+    python opd.py               # tiny SD3, offline, 9 CPU-minutes (one thread): 3 teachers, distil,
                                 # eval -> runs/tiny/eval.md, each teacher up on its own task,
                                 # the one student keeping most of every teacher's gain
     python opd.py --stage teacher --task color --algo nft          # one DiffusionNFT teacher
@@ -17,14 +17,27 @@ maths (closed-form against PPO-style gradients) from sanity.py.
 
 Algorithm 1 (stage 2), line by line in distill()
     teachers pi_T^1..M from stage 1 (train_rl); student = the base + a LoRA with B = 0
-    for every round:
+    for every round:                                                 runs.each_round
         for every task m: prompts c ~ D_m                            draw_prompts
             roll out the student x_0 -> x_N (ODE; SDE with a > 0)    distill_trajectory (the
                                                                      reference), _fused (default)
             at every x_j: mu_S(x_j) with grad, mu_T^m(x_j) without   transition
-            the gradient of the per-step KL                          step_loss -> opd_loss
+            the gradient of the per-step KL (Eq. 11 / 12)            sampler_step_loss, opd_loss
         one optimizer step on the mean gradient of the M tasks       runs.optimizer_step
-        EMA of the student, log, checkpoint
+        EMA of the student, log, checkpoint                          runs.after_step
+
+The values that matter, as the defaults set them (`python opd.py --help`; test_opd.py checks this
+table against opd_support/config.py). SD3.5-M's are the public configs, batches over 8 GPUs.
+    model    stage                a    CFG  lr    batch  K  clip  sampler steps  group size
+    tiny     teacher, GRPO-Guard  0.7  4.5  1e-3  24     2  1e-4  10             12
+    tiny     teacher, NFT         0    1    1e-3  24     1  -     10             12
+    tiny     distill              0    4.5  3e-3  16     1  -     10             -
+    SD3.5-M  teacher, GRPO-Guard  0.7  4.5  1e-4  576    2  2e-6  10             24
+    SD3.5-M  teacher, NFT         0    1    3e-4  1152   1  -     10             24
+    SD3.5-M  distill              0    4.5  3e-4  24     1  -     10             -
+    a: the training rollouts' SDE noise level (0: the ODE); CFG: their guidance (1: off); batch:
+    trajectories per optimizer step and task; K: optimizer steps per RL epoch (a round: 1);
+    clip: PPO's clip range of the ratio.
 
 Simplifications (and why)
 1. Teachers and student are LoRA adapters on ONE transformer (peft): M teachers cost one model's
@@ -43,12 +56,12 @@ Simplifications (and why)
 """
 import dataclasses
 import math
-import time
 
 import torch
 
 from opd_support import evaluation, runs
 from opd_support.config import parse_config, parse_pairs, parse_steps, resolve
+from opd_support.conflict import micro_batches
 from opd_support.loras import load_lora, run_info
 from opd_support.machinery import chunks, gather, main as cli, rng, sum_over_ranks
 from opd_support.prompts import draw_prompts, score
@@ -56,16 +69,16 @@ from opd_support.sd3 import sd3_sigmas
 
 
 # ---------------------------------------------------------------------------------------------
-# maths: the flow-matching SDE/ODE step, log-densities, the closed-form OPD loss, PPO,
-# GRPO-Guard, DiffusionNFT. Shared by the 2D toy (sanity.py) and SD3.
+# maths: the flow-matching SDE/ODE step, log-densities, the paper's closed-form OPD loss and its
+# two variants, GRPO-Guard, DiffusionNFT. Shared by the 2D toy (sanity.py) and SD3.
 # Paper symbols -> code: t_j -> t, t_{j+1} -> t_next, dt_j -> dt, a -> noise_level,
 # sigma_t -> sigma, sigma-bar_j (full transition std) -> std, mu_j -> mu, x_j -> x.
 # Convention: t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; v = eps - x0.
 # ---------------------------------------------------------------------------------------------
-def bcast(s, x):
+def bcast(value, x):
     """A (B,) tensor -> shape (B, 1, 1, ...) to broadcast against x (a scalar stays 0-d), fp32."""
-    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
-    return s.reshape(s.shape + (1,) * (x.dim() - s.dim())) if s.dim() else s
+    value = torch.as_tensor(value, dtype=torch.float32, device=x.device)
+    return value.reshape(value.shape + (1,) * (x.dim() - value.dim())) if value.dim() else value
 
 
 def transition(x, v, t, t_next, noise_level):
@@ -106,9 +119,9 @@ def gaussian_logp(x_next, mu, std, reduce="mean"):
     """log N(x_next; mu, std^2 I) per sample, (B,). reduce='mean' averages the per-element
     log-density over latent elements (Flow-GRPO's convention: its tiny clip ranges assume it);
     reduce='sum' is the true log-density of the transition."""
-    s = bcast(std, x_next)
-    # log p = -(x - mu)^2 / (2 s^2) - log s - log sqrt(2 pi), per element
-    lp = -((x_next.float() - mu) ** 2) / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    sd = bcast(std, x_next)
+    # log p = -(x - mu)^2 / (2 std^2) - log std - log sqrt(2 pi), per element
+    lp = -((x_next.float() - mu) ** 2) / (2 * sd**2) - torch.log(sd) - 0.5 * math.log(2 * math.pi)
     lp = lp.flatten(1)
     return lp.mean(1) if reduce == "mean" else lp.sum(1)
 
@@ -133,42 +146,34 @@ def rollout(velocity, x, sigmas, noise_level, generator=None):
                 stds=torch.stack(stds, 1), logps=torch.stack(logps, 1))
 
 
-@dataclasses.dataclass
-class Sampler:
-    """The student's sampler in stage 2 and the loss on its steps."""
-    sigmas: torch.Tensor      # (N + 1,) the times t_0 = 1 > ... > t_N = 0
-    noise_level: float = 0.0  # a: 0 is the ODE (Eq. 12), > 0 Flow-GRPO's SDE (Eq. 11)
-    loss_steps: list = None   # the steps j with a loss (None: all but the last, as the paper)
-    loss: str = "closed"      # "closed": the closed-form KL; "ppo": its PPO-style surrogate
-    sde_weight: str = "kl"    # SDE steps: 1 / (2 std_j^2) (Eq. 11); "sigma": 1 / (2 sigma_t^2)
-
-    def __post_init__(self):
-        if self.loss_steps is None:
-            self.loss_steps = list(range(len(self.sigmas) - 2))
-
-
-def opd_loss(mu_s, mu_t, std, dt=None, sde_weight="kl"):
-    """The closed-form per-step KL between student and teacher transitions, (B,).
-    SDE (paper Eq. 11): KL(N(mu_S, s^2 I) || N(mu_T, s^2 I)) = ||mu_S - mu_T||^2 / (2 s^2), with
-    s = std_j = sigma_t sqrt(|dt|); sde_weight="sigma" is the public code's weight instead,
-    1 / (2 sigma_t^2) = |dt| / (2 s^2) (needs dt): steps with a small |dt| weigh relatively less
-    (with SD3's shifted schedule the early ones, t near 1: |dt| 0.04 there, 0.26 at the end).
-    ODE (paper Eq. 12, std = 0): 1/2 ||mu_S - mu_T||^2.
+def opd_loss(mu_s, mu_t, std=None):
+    """The paper's per-step loss: the closed-form KL between the student's and the teacher's
+    Gaussian steps from the same state x_j, (B,).
+    SDE (Eq. 11; std (B,) = std_j = sigma_t sqrt(|dt|) of transition):
+        KL(N(mu_S, std^2 I) || N(mu_T, std^2 I)) = ||mu_S - mu_T||^2 / (2 std^2)
+    ODE (Eq. 12; std None, the step is deterministic): 1/2 ||mu_S - mu_T||^2.
     Reduction: the squared norm is averaged over latent elements (public code), i.e. the paper's
     KL divided by the number of elements D. The teacher target is cast to fp32."""
     d2 = (mu_s.float() - mu_t.float()).pow(2).flatten(1).mean(1)  # ||mu_S - mu_T||^2 / D
-    std = std.float()
-    weight = 1 / (2 * std.clamp_min(1e-20) ** 2)
-    if sde_weight == "sigma":  # 1 / (2 sigma_t^2) = |dt| / (2 std^2)
-        weight = weight * torch.as_tensor(dt, dtype=torch.float32, device=std.device).abs()
-    # ODE rows (std = 0) use weight 1/2; SDE rows the KL's
-    weight = torch.where(std > 0, weight, torch.full_like(std, 0.5))
-    return weight * d2
+    if std is None:  # ODE: Eq. 12
+        return 0.5 * d2
+    return 1 / (2 * std.float() ** 2) * d2  # SDE: Eq. 11
+
+
+# Two variants of the paper's loss, each selected by a field of Sampler (--sde_weight, --loss).
+def sigma_weighted_opd_loss(mu_s, mu_t, std, dt):
+    """VARIANT, the public code's SDE weight (sde_weight="sigma"): ||mu_S - mu_T||^2 / D over
+    2 sigma_t^2 instead of Eq. 11's 2 std_j^2, i.e. Eq. 11 x |dt|: steps with a small |dt| weigh
+    relatively less (with SD3's shifted schedule the early ones, t near 1: |dt| 0.04 there, 0.26
+    at the end). (B,)."""
+    d2 = (mu_s.float() - mu_t.float()).pow(2).flatten(1).mean(1)  # ||mu_S - mu_T||^2 / D
+    dt = torch.as_tensor(dt, dtype=torch.float32, device=std.device)
+    return 1 / (2 * std.float() ** 2) * dt.abs() * d2  # 1 / (2 sigma_t^2) = |dt| / (2 std^2)
 
 
 def ppo_surrogate(delta, logp, logp_old):
-    """PPO-style surrogate of the per-step cost Delta_j (the KL to the teacher, which the paper's
-    section 3.3 treats as a per-step reward to minimise), (B,):
+    """VARIANT (loss="ppo"): the PPO-style surrogate of the per-step cost Delta_j (the KL to the
+    teacher, which the paper's section 3.3 treats as a per-step reward to minimise), (B,):
     L_PG = rho_j Delta_j,  rho_j = pi_theta(a_j | x_j) / pi_old(a_j | x_j).
     On-policy rho = 1 at the sampled a_j, but grad rho = rho grad log pi, so a single sample's
     gradient carries the extra term Delta_j grad log pi = Delta_j (eps_j / std_j) grad mu: zero
@@ -176,10 +181,30 @@ def ppo_surrogate(delta, logp, logp_old):
     return torch.exp(logp - logp_old.detach()) * delta
 
 
-def step_loss(mu_s, mu_t, std, x_next, dt, sampler):
-    """Per-sample loss of one step (B,): the closed-form KL, or its PPO-style surrogate, whose
-    action a_j = x_{j+1} is the state the rollout actually took (true log-density: a sum)."""
-    delta = opd_loss(mu_s, mu_t, std, dt, sampler.sde_weight)
+@dataclasses.dataclass
+class Sampler:
+    """The student's sampler in stage 2 and the loss on its steps."""
+    sigmas: torch.Tensor      # (N + 1,) the times t_0 = 1 > ... > t_N = 0
+    noise_level: float = 0.0  # a: 0 is the ODE (Eq. 12), > 0 Flow-GRPO's SDE (Eq. 11)
+    loss_steps: list = None   # the steps j with a loss (None: all but the last, as the paper)
+    loss: str = "closed"      # "closed": the paper's KL; VARIANT "ppo": its PPO-style surrogate
+    sde_weight: str = "kl"    # "kl": Eq. 11's 1 / (2 std_j^2); VARIANT "sigma": 1 / (2 sigma_t^2)
+
+    def __post_init__(self):
+        if self.loss_steps is None:
+            self.loss_steps = list(range(len(self.sigmas) - 2))
+
+
+def sampler_step_loss(mu_s, mu_t, std, x_next, dt, sampler):
+    """Stage 2's loss at one sampler step j, per sample (B,), as the Sampler selects it: the
+    paper's (Eq. 12 on the ODE, Eq. 11 on the SDE) or a variant above. The PPO surrogate's
+    action a_j = x_{j+1} is the state the rollout took (its true log-density: a sum)."""
+    if sampler.noise_level == 0:
+        delta = opd_loss(mu_s, mu_t)  # ODE: Eq. 12
+    elif sampler.sde_weight == "kl":
+        delta = opd_loss(mu_s, mu_t, std)  # SDE: Eq. 11
+    else:
+        delta = sigma_weighted_opd_loss(mu_s, mu_t, std, dt)
     if sampler.loss == "closed":
         return delta
     logp = gaussian_logp(x_next.detach(), mu_s, std, reduce="sum")
@@ -192,10 +217,11 @@ def group_advantages(rewards, groups, clip=5.0, eps=1e-4, global_std=False):
     rewards (B,), groups (B,) integer group ids (one group per prompt)."""
     rewards = rewards.float()
     adv = torch.zeros_like(rewards)
-    for g in groups.unique():
-        m = groups == g
-        r = rewards[m]
-        adv[m] = (r - r.mean()) / ((rewards if global_std else r).std(unbiased=False) + eps)
+    for group_id in groups.unique():
+        in_group = groups == group_id
+        group = rewards[in_group]
+        std = (rewards if global_std else group).std(unbiased=False)
+        adv[in_group] = (group - group.mean()) / (std + eps)
     return adv.clamp(-clip, clip)
 
 
@@ -219,13 +245,13 @@ def clipped_loss(ratio, adv, clip_range):
 NFT_ADV_CLIP = 5.0  # DiffusionNFT's adv_clip_max: the advantages' clip, and its loss's scale
 
 
-def nft_r(adv, clip=NFT_ADV_CLIP):
-    """DiffusionNFT's optimality probability r in [0, 1] from an advantage:
+def nft_optimality(adv, clip=NFT_ADV_CLIP):
+    """DiffusionNFT's optimality probability r in [0, 1] of each sample from its advantage:
     r = clip(0.5 + 0.5 clip(A, -5, 5) / 5, 0, 1)."""
     return (0.5 + 0.5 * adv.float().clamp(-clip, clip) / clip).clamp(0, 1)
 
 
-def nft_loss(v, v_old, target, t, r, beta):
+def nft_loss(v, v_old, target, t, optimality, beta):
     """DiffusionNFT's loss at noise level t, (B,). With the implicit positive and negative
     policies v+ = beta v_theta + (1 - beta) v_old and v- = (1 + beta) v_old - beta v_theta,
     their clean-image predictions x0+- = x_t - t v+- are pulled to x0 with weights r and 1 - r:
@@ -233,7 +259,7 @@ def nft_loss(v, v_old, target, t, r, beta):
     w+- = mean|x0+- - x0| (no grad; the public code's adaptive weighting), element means. As
     x_t = (1 - t) x0 + t eps, x0+- - x0 = t (target - v+-) with target = eps - x0: the public
     code's x0-space loss, written with velocities. v: v_theta (with grad); v_old, target:
-    (B, ...); t: float or (B,); r: (B,) from nft_r."""
+    (B, ...); t: float or (B,); optimality: r (B,), from nft_optimality."""
     v, v_old, target, tt = v.float(), v_old.float(), target.float(), bcast(t, v)
     v_pos = beta * v + (1 - beta) * v_old
     v_neg = (1 + beta) * v_old - beta * v
@@ -241,7 +267,7 @@ def nft_loss(v, v_old, target, t, r, beta):
     def term(v_hat):  # ||x0_hat - x0||^2 / mean|x0_hat - x0|, per sample (element means)
         err = (tt * (target - v_hat)).flatten(1)
         return err.pow(2).mean(1) / err.abs().mean(1).detach().clamp_min(1e-5)
-    return (r * term(v_pos) + (1 - r) * term(v_neg)) / beta * NFT_ADV_CLIP
+    return (optimality * term(v_pos) + (1 - optimality) * term(v_neg)) / beta * NFT_ADV_CLIP
 
 
 def nft_timesteps(batch, num_steps, generator):
@@ -274,7 +300,7 @@ def distill_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
         with torch.no_grad():  # the teacher's mean on the student's own state
             mu_teacher, _ = transition(x, teacher(x, t), t, t_next, a)
         mu_student, std = transition(x, student(x, t), t, t_next, a)  # with grad
-        loss = step_loss(mu_student, mu_teacher, std, x_next, t_next - t, sampler).mean()
+        loss = sampler_step_loss(mu_student, mu_teacher, std, x_next, t_next - t, sampler).mean()
         loss = loss / len(sampler.loss_steps)
         # the student's forward came last: gradient checkpointing recomputes it, not the teacher
         (loss * scale).backward()
@@ -295,7 +321,8 @@ def distill_trajectory_fused(student, teacher, x, sampler, generator=None, scale
         with torch.set_grad_enabled(train):
             x_next, mu_student, std = sde_step(x, student(x, t), t, t_next, a, generator)
         if train:
-            loss = step_loss(mu_student, mu_teacher, std, x_next, t_next - t, sampler).mean()
+            loss = sampler_step_loss(mu_student, mu_teacher, std, x_next, t_next - t,
+                                     sampler).mean()
             (loss / len(sampler.loss_steps) * scale).backward()
             total += float(loss.detach()) / len(sampler.loss_steps)
         x = x_next.detach()  # the next state is data
@@ -308,54 +335,45 @@ def sampler_of(cfg):
                    parse_steps(cfg.loss_steps, cfg.sampler_steps), cfg.loss, cfg.sde_weight)
 
 
-def load_teachers(cfg, model, teacher_dirs):
-    """The M teachers as adapters teacher-<task> on the one transformer; returns each task's
-    teacher CFG: --teacher_guidance, else the CFG the teacher trained with."""
+def load_teachers_and_guidance(cfg, model, teacher_dirs):
+    """The M teachers as adapters teacher-<task> on the one transformer; returns {task: the CFG
+    its teacher samples with}: --teacher_guidance, else the CFG the teacher trained with."""
     for task, d in teacher_dirs.items():  # --teachers: any LoRA layout, or a hub id
         made_here = None if cfg.teachers else \
             f"python opd.py --stage teacher --task {task} --out {cfg.out}"
         load_lora(model.tr, d, f"teacher-{task}", made_here)
     given = parse_pairs(cfg.teacher_guidance)
-    return {k: float(given.get(k, run_info(d, "guidance", cfg.guidance)))
-            for k, d in teacher_dirs.items()}
+    return {task: float(given.get(task, run_info(d, "guidance", cfg.guidance)))
+            for task, d in teacher_dirs.items()}
 
 
 def distill(cfg, model, tasks, teacher_dirs, name="student"):
     """Stage 2, Algorithm 1, into <out>/<name>: each round, every task's prompts, the student's
     rollouts from its own noise with every state supervised by that task's teacher, then ONE
-    optimizer step on the round's gradient, EMA, log, checkpoint (--resume continues exactly).
-    With --eval_every, the EMA student's held-out metrics go to metrics.jsonl."""
+    optimizer step on the round's gradient (--resume continues exactly)."""
     run = runs.start_run(cfg, model, name, "student")  # a new LoRA, B = 0: the base
     if run is None:  # finished before: its LoRA is reused
         return
-    guidance = load_teachers(cfg, model, teacher_dirs)
+    guidance_of = load_teachers_and_guidance(cfg, model, teacher_dirs)
     sampler = sampler_of(cfg)
     trajectory = distill_trajectory if cfg.two_pass else distill_trajectory_fused
-    for r in runs.rounds(run, run.start, cfg.optim_steps):
-        if evaluation.validate(cfg, model, tasks, run, r):  # --eval_every; --plateau: stop
-            break
-        t0 = time.perf_counter()
-        runs.embed_round_prompts(cfg, model, tasks, r, run)  # the text encoders, once per many
-        losses = {}
-        for i, task in enumerate(tasks):  # every task m, round-robin
-            prompts = runs.my_share(draw_prompts(cfg, task, r, i, cfg.batch_size), run)
-            g = rng(cfg.seed, "rollout", i, run.rank, step=r)  # the student's own noise
-            losses[task.name], parts = 0.0, chunks(len(prompts), cfg.micro_batch)
-            for k, s in enumerate(parts):
+    for r in runs.each_round(cfg, model, tasks, run):  # + validation, the text encoders ahead
+        run.opt.zero_grad(set_to_none=True)
+        row = {}  # the round's metrics: each task's loss, the gradient norm
+        for m, task in enumerate(tasks):  # every task m, round-robin
+            prompts = runs.my_share(draw_prompts(cfg, task, r, m, cfg.batch_size), run)
+            g = rng(cfg.seed, "rollout", m, run.rank, step=r)  # the student's own noise
+            row[f"loss_{task.name}"] = 0.0
+            for half, s in micro_batches(len(prompts), cfg.micro_batch):
                 ps, share = prompts[s], len(prompts[s]) / len(prompts)
                 student = model.velocity("student", ps, cfg.guidance)
-                teacher = model.velocity(f"teacher-{task.name}", ps, guidance[task.name])
+                teacher = model.velocity(f"teacher-{task.name}", ps, guidance_of[task.name])
                 _, loss = trajectory(student, teacher, model.noise(len(ps), g), sampler, g,
                                      share / len(tasks))  # the gradient: a mean over tasks
-                losses[task.name] += loss * share
-                run.conflict.mark(task.name, 2 * k // len(parts))  # --log_conflict: halves
-        grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks too
-        run.ema.step(r + 1)
-        run.elapsed += time.perf_counter() - t0
-        run.log(step=r + 1, **{f"loss_{k}": v for k, v in losses.items()}, grad_norm=grad_norm,
-                **run.conflict_row)
-        runs.checkpoint(cfg, model, run, r, r + 1)
-    evaluation.validate(cfg, model, tasks, run, None)
+                row[f"loss_{task.name}"] += loss * share
+                run.conflict.mark(task.name, half)  # --log_conflict: the halves of a task
+        row["grad_norm"] = runs.optimizer_step(cfg, run)  # averaged over the ranks, clipped
+        runs.after_step(cfg, run, r + 1, row)  # EMA, time, log, checkpoint: no maths
     runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
 
 
@@ -365,7 +383,7 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
 @dataclasses.dataclass
 class Samples:
     """One task's samples of an RL epoch on this rank."""
-    task: str
+    task_name: str
     prompts: list              # (b,) the prompt of each image
     traj: dict                 # rollout(): states (b, N+1, C, h, w), means, stds, logps
     advantages: torch.Tensor   # (b,) within each prompt's group
@@ -378,29 +396,31 @@ def rl_sample(cfg, model, tasks, first, run):
     Each image is scored by its own task's reward and its advantage computed within its prompt's
     group (NFT: with the std of the task's batch), so the tasks' reward scales never mix. (NFT
     samples with the noise level of its defaults row, 0.)
-    Returns ([Samples] of this rank, {task: mean reward}, {task: the share of its groups whose
-    images all scored the same: their advantages are 0, they give no gradient})."""
+    Returns ([Samples] of this rank, the epoch's statistics: reward_<task>, its mean reward, and
+    flat_groups_<task>, the share of its groups whose images all scored the same: their
+    advantages are 0, they give no gradient)."""
     G, nft = cfg.group_size, cfg.algo == "nft"
     n = cfg.updates_per_epoch * cfg.batch_size  # the epoch's trajectories per task, all ranks
-    sigmas, samples, rewards, flat = sd3_sigmas(cfg.sampler_steps), [], {}, {}
-    for i, task in enumerate(tasks):  # the epoch's prompts: draw number first // K
+    sigmas, samples, rewards, flat_groups = sd3_sigmas(cfg.sampler_steps), [], {}, {}
+    for m, task in enumerate(tasks):  # the epoch's prompts: draw number first // K
         draw = first // cfg.updates_per_epoch
-        prompts = [p for p in draw_prompts(cfg, task, draw, i, n // G) for _ in range(G)]
+        prompts = [p for p in draw_prompts(cfg, task, draw, m, n // G) for _ in range(G)]
         mine = runs.my_share(prompts, run)
-        g = rng(cfg.seed, "rollout", i, run.rank, step=first)
+        g = rng(cfg.seed, "rollout", m, run.rank, step=first)
         parts = []
         for s in chunks(len(mine), cfg.micro_batch):
             policy = model.velocity("old" if nft else "policy", mine[s], cfg.guidance)
             parts.append(rollout(policy, model.noise(len(mine[s]), g), sigmas, cfg.noise_level,
                                  g))
-        traj = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        traj = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         images = model.decode(traj["states"][:, -1])
-        r_all = gather(score(task, images, mine).to(model.device), run.world).cpu()
-        adv = group_advantages(r_all, torch.arange(len(prompts)) // G, global_std=nft)
-        rewards[task.name] = r_all.mean().item()
-        flat[task.name] = (r_all.view(-1, G).std(1) == 0).float().mean().item()
+        scores = gather(score(task, images, mine).to(model.device), run.world).cpu()  # all ranks
+        adv = group_advantages(scores, torch.arange(len(prompts)) // G, global_std=nft)
+        rewards[f"reward_{task.name}"] = scores.mean().item()
+        all_same = scores.view(-1, G).std(1) == 0  # (prompts,) the groups with no gradient
+        flat_groups[f"flat_groups_{task.name}"] = all_same.float().mean().item()
         samples.append(Samples(task.name, mine, traj, runs.my_share(adv, run).to(model.device)))
-    return samples, rewards, flat
+    return samples, {**rewards, **flat_groups}
 
 
 def grpo_guard_update(cfg, model, samples, rows, run):
@@ -411,17 +431,18 @@ def grpo_guard_update(cfg, model, samples, rows, run):
     approx_kl (0.5 mean (log ratio)^2)."""
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
     stats = torch.zeros(4, dtype=torch.float64, device=model.device)  # summed on the device
-    for task in samples:
-        parts = chunks(b, cfg.micro_batch)
-        for k, s in enumerate(parts):  # micro-batches; the first and second half: conflict.py
+    for task_samples in samples:  # each task's
+        traj = task_samples.traj
+        for half, s in micro_batches(b, cfg.micro_batch):  # half: --log_conflict's
             idx = rows[s]
-            states, adv = task.traj["states"][idx], task.advantages[idx.to(model.device)]
-            v = model.velocity("policy", [task.prompts[k] for k in idx], cfg.guidance)
+            states, adv = traj["states"][idx], task_samples.advantages[idx.to(model.device)]
+            ps = [task_samples.prompts[index] for index in idx]
+            policy = model.velocity("policy", ps, cfg.guidance)
             for j in range(N - 1):
                 t, t_next, x = sigmas[j], sigmas[j + 1], states[:, j]
-                mu, _ = transition(x, v(x, t), t, t_next, cfg.noise_level)
-                ratio = log_ratio(mu, task.traj["means"][idx, j], states[:, j + 1],
-                                  task.traj["stds"][idx, j], not cfg.no_ratio_norm).exp()
+                mu, _ = transition(x, policy(x, t), t, t_next, cfg.noise_level)
+                ratio = log_ratio(mu, traj["means"][idx, j], states[:, j + 1],
+                                  traj["stds"][idx, j], not cfg.no_ratio_norm).exp()
                 loss = clipped_loss(ratio, adv, cfg.clip_range)
                 if not cfg.no_ratio_norm:  # every timestep contributes equally: / |dt_j|
                     loss = loss / abs(float(t_next - t))
@@ -430,7 +451,7 @@ def grpo_guard_update(cfg, model, samples, rows, run):
                 stats += torch.stack([(dev > cfg.clip_range).sum(), dev.sum(),
                                       ratio.detach().double().log().pow(2).sum(),
                                       dev.new_tensor(len(dev))])
-            run.conflict.mark(task.task, 2 * k // len(parts))  # --log_conflict
+            run.conflict.mark(task_samples.task_name, half)  # --log_conflict
     clipped, abs_dev, log_sq, count = sum_over_ranks(stats, run.world).tolist()
     return dict(clipfrac=clipped / count, ratio_dev=abs_dev / count,
                 approx_kl=0.5 * log_sq / count)
@@ -441,28 +462,29 @@ def nft_update(cfg, model, samples, rows, step, run):
     of the sampler's N times (nft_timesteps), each at x_t = (1 - t) x0 + t eps with fresh eps,
     the loss nft_loss against the old adapter, plus its KL to the base (mean (v - v_ref)^2)."""
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
-    for i, task in enumerate(samples):
-        g = rng(cfg.seed, "nft", i, run.rank, step=step)  # times and fresh noise
-        parts = chunks(b, cfg.micro_batch)
-        for k, s in enumerate(parts):
+    for m, task_samples in enumerate(samples):  # task m's
+        g = rng(cfg.seed, "nft", m, run.rank, step=step)  # times and fresh noise
+        for half, s in micro_batches(b, cfg.micro_batch):  # half: --log_conflict's
             idx = rows[s]
-            ps, x0 = [task.prompts[k] for k in idx], task.traj["states"][idx, -1]
-            r = nft_r(task.advantages[idx.to(model.device)])
-            v, v_old = (model.velocity(a, ps, cfg.guidance) for a in ("policy", "old"))
-            v_ref = model.velocity(None, ps, cfg.guidance)  # the base: adapters off
+            ps = [task_samples.prompts[index] for index in idx]
+            x0 = task_samples.traj["states"][idx, -1]  # the samples' images (latents)
+            optimality = nft_optimality(task_samples.advantages[idx.to(model.device)])
+            policy = model.velocity("policy", ps, cfg.guidance)
+            old = model.velocity("old", ps, cfg.guidance)
+            base = model.velocity(None, ps, cfg.guidance)  # the base: adapters off
             times = nft_timesteps(len(idx), N, g)
             for col in range(N - 1):  # the col-th trained time of each sample
                 t = sigmas[times[:, col]].to(x0.device)  # (B,) each sample's own time
                 eps = torch.randn(x0.shape, generator=g).to(x0.device)
                 x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * eps
                 with torch.no_grad():
-                    vo, vr = v_old(x_t, t), (v_ref(x_t, t) if cfg.nft_kl else None)
-                vt = v(x_t, t)
-                loss = nft_loss(vt, vo, eps - x0, t, r, cfg.nft_beta)
+                    v_old, v_ref = old(x_t, t), (base(x_t, t) if cfg.nft_kl else None)
+                v = policy(x_t, t)
+                loss = nft_loss(v, v_old, eps - x0, t, optimality, cfg.nft_beta)
                 if cfg.nft_kl:  # + KL to the base model: mean (v_theta - v_ref)^2
-                    loss = loss + cfg.nft_kl * (vt - vr).pow(2).flatten(1).mean(1)
+                    loss = loss + cfg.nft_kl * (v - v_ref).pow(2).flatten(1).mean(1)
                 (loss.sum() / (b * len(samples) * (N - 1))).backward()
-            run.conflict.mark(task.task, 2 * k // len(parts))
+            run.conflict.mark(task_samples.task_name, half)  # --log_conflict
     return {}
 
 
@@ -479,44 +501,32 @@ def train_rl(cfg, model, schedule, name):
     in schedule[epoch], shuffles them on each rank and takes K optimizer steps, one per
     batch_size trajectories, as the public configs do: every update after the first trains on
     samples of an older policy, where the ratio, RatioNorm and the clip act. NFT's old adapter
-    follows the trained one once per epoch. Writes the LoRA (its EMA), config.json, run.json,
-    metrics.jsonl, checkpoints."""
+    follows the trained one once per epoch."""
     run = runs.start_run(cfg, model, name, "policy", aux=("old",) if cfg.algo == "nft" else ())
-    if run is None:
+    if run is None:  # finished before: its LoRA is reused
         return
     K, b = cfg.updates_per_epoch, cfg.batch_size // run.world
-    epochs = runs.rounds(run, run.start, cfg.optim_steps, K)
-    every_task = list({t.name: t for tasks in schedule for t in tasks}.values())
-    for first in epochs:  # one epoch: optimizer steps first .. first + K - 1
-        if evaluation.validate(cfg, model, every_task, run, first):  # --plateau: stop
-            break
-        t0, tasks = time.perf_counter(), schedule[first // K]
-        runs.embed_epoch_prompts(cfg, model, schedule, first)
+    for first in runs.each_epoch(cfg, model, schedule, run):  # + validation, text encoders ahead
         with runs.epoch_start_weights(run, first):  # resumed inside the epoch: the saved ones
-            samples, rewards, flat = rl_sample(cfg, model, tasks, first, run)
+            samples, epoch_stats = rl_sample(cfg, model, schedule[first // K], first, run)
         order = torch.randperm(K * b, generator=rng(cfg.seed, "shuffle", run.rank, step=first))
         for u, step in enumerate(range(first, first + K)):  # K updates of batch_size each
             if step < run.start:  # resumed inside this epoch: taken before the stop
                 continue
             runs.stop_inside_epoch(cfg, model, run, step)  # a stop signal: checkpoint, stop
             rows = order[u * b:(u + 1) * b]
+            run.opt.zero_grad(set_to_none=True)
             stats = grpo_guard_update(cfg, model, samples, rows, run) \
                 if cfg.algo == "grpo_guard" else nft_update(cfg, model, samples, rows, step, run)
-            grad_norm = runs.optimizer_step(cfg, run)
-            run.ema.step(step + 1)
-            now = time.perf_counter()
-            run.elapsed, t0 = run.elapsed + now - t0, now
-            sampled = {**{f"reward_{k}": v for k, v in rewards.items()},
-                       **{f"flat_groups_{k}": v for k, v in flat.items()}} if u == 0 else {}
-            run.log(step=step + 1, **sampled, grad_norm=grad_norm, **stats, **run.conflict_row)
-        with torch.no_grad():  # NFT's old adapter (run.aux; GRPO-Guard has none) follows:
-            for p_old, p in zip(run.aux, run.params):  # theta_old <- d theta_old + (1 - d) theta
-                p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
-        epochs.set_postfix(reward=f"{sum(rewards.values()) / len(rewards):.3f}")
-        runs.checkpoint(cfg, model, run, first, first + K)
-    evaluation.validate(cfg, model, every_task, run, None)
-    sampled = sum(len(schedule[e]) for e in range(run.step // K)) * K * cfg.batch_size
-    runs.finish_run(cfg, model, run, sampled)
+            grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks, clipped
+            if u == K - 1:  # the epoch's end: NFT's old adapter follows (GRPO-Guard has none)
+                with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta
+                    for p_old, p in zip(run.aux, run.params):
+                        p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
+            row = {**(epoch_stats if u == 0 else {}), "grad_norm": grad_norm, **stats}
+            runs.after_step(cfg, run, step + 1, row)  # EMA, time, log, checkpoint: no maths
+    trajectories = sum(len(schedule[e]) for e in range(run.step // K)) * K * cfg.batch_size
+    runs.finish_run(cfg, model, run, trajectories)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,12 +539,12 @@ def run_stages(cfg):
     for stage in stages:
         c = resolve(cfg, stage)
         if stage == "teacher":
-            for t in tasks:  # one LoRA per task, its one task every epoch
+            for task in tasks:  # one LoRA per task, its one task every epoch
                 epochs = c.optim_steps // c.updates_per_epoch
-                train_rl(c, model, [[t]] * epochs, f"teacher-{t.name}")
+                train_rl(c, model, [[task]] * epochs, f"teacher-{task.name}")
         elif stage == "distill":
             name = "student" if c.loss == "closed" else f"student-{c.loss}"
-            distill(c, model, tasks, runs.teacher_dirs(c, [t.name for t in tasks]), name)
+            distill(c, model, tasks, runs.teacher_dirs(c, [task.name for task in tasks]), name)
         else:
             return evaluation.evaluate(c, model, tasks, parse_pairs(c.lora))
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from opd import (Sampler, bcast, clipped_loss, distill_trajectory, group_advantages, log_ratio,
-                 rollout, step_loss, transition)
+                 rollout, sampler_step_loss, transition)
 from opd_support.conflict import Meter
 from opd_support.sd3 import sd3_sigmas
 
@@ -213,7 +213,8 @@ def part_grad(base, teacher, quick):
             mu_t, _ = transition(x, teacher(x, t, p[: len(x)]), t, t_next, a)
         mu_s, std = transition(x, v_s, t, t_next, a)
         x_next = mu_s + bcast(std, mu_s) * eps  # the step taken, with this draw's noise
-        return step_loss(mu_s, mu_t, std, x_next, t_next - t, Sampler(SIGMAS, a, loss=kind)).mean()
+        return sampler_step_loss(mu_s, mu_t, std, x_next, t_next - t,
+                                 Sampler(SIGMAS, a, loss=kind)).mean()
 
     # dict of gradients -> one vector (or one row per draw when batched by vmap)
     flat = lambda gr, b=False: torch.cat([v.flatten(int(b)) for v in gr.values()], -1)
@@ -256,8 +257,9 @@ def part_grad(base, teacher, quick):
                                          SIGMAS[jj + 1], a)
                 mu_s, std = transition(xs, v_s, SIGMAS[jj], SIGMAS[jj + 1], a)
                 x_next = mu_s + bcast(std, mu_s) * eps[jj][None]
-                tot = tot + step_loss(mu_s, mu_t, std, x_next, SIGMAS[jj + 1] - SIGMAS[jj],
-                                      Sampler(SIGMAS, a, loss=kind)).sum()
+                tot = tot + sampler_step_loss(mu_s, mu_t, std, x_next,
+                                              SIGMAS[jj + 1] - SIGMAS[jj],
+                                              Sampler(SIGMAS, a, loss=kind)).sum()
             return tot
         vc = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps,
                                                                     "closed"), True).var(0).sum()

@@ -80,8 +80,8 @@ def test_closed_form_kl_matches_monte_carlo():
     mc, se = log_ratio.mean(), log_ratio.std() / n**0.5
     closed = opd.opd_loss(mu_s[None], mu_t[None], torch.tensor([s]))[0] * D
     assert abs(closed - mc) < 4 * se
-    # ODE (std = 0): 1/2 ||mu_S - mu_T||^2 / D
-    assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None], torch.zeros(1))[0],
+    # ODE (no std: Eq. 12): 1/2 ||mu_S - mu_T||^2 / D
+    assert torch.allclose(opd.opd_loss(mu_s[None], mu_t[None])[0],
                           0.5 * (mu_s - mu_t).pow(2).mean())
 
 
@@ -97,12 +97,18 @@ def test_sde_weight_sigma_is_the_public_codes_one_over_two_sigma_squared():
     mu_t, _ = opd.transition(x, v_t, t, t_next, a)
     sigma2 = a**2 * t / (1 - t)
     d2 = (mu_s - mu_t).pow(2).flatten(1).mean(1)
-    assert torch.allclose(opd.opd_loss(mu_s, mu_t, std, t_next - t, "sigma"), d2 / (2 * sigma2),
-                          rtol=1e-5)
+    assert torch.allclose(opd.sigma_weighted_opd_loss(mu_s, mu_t, std, t_next - t),
+                          d2 / (2 * sigma2), rtol=1e-5)
     assert torch.allclose(opd.opd_loss(mu_s, mu_t, std), d2 / (2 * sigma2 * (t - t_next)),
                           rtol=1e-5)
-    zero = torch.zeros(2)  # ODE rows keep 1/2 under either weight
-    assert torch.equal(opd.opd_loss(mu_s, mu_t, zero, t_next - t, "sigma"), 0.5 * d2)
+    for weight in ("kl", "sigma"):  # as the Sampler selects them, on the SDE and on the ODE
+        sde, ode = (opd.Sampler(sig, level, sde_weight=weight) for level in (a, 0.0))
+        want = d2 / (2 * sigma2 * (t - t_next)) if weight == "kl" else d2 / (2 * sigma2)
+        assert torch.allclose(opd.sampler_step_loss(mu_s, mu_t, std, None, t_next - t, sde),
+                              want, rtol=1e-5)
+        zero = torch.zeros(2)  # the ODE's step keeps 1/2 under either weight (Eq. 12)
+        assert torch.equal(opd.sampler_step_loss(mu_s, mu_t, zero, None, t_next - t, ode),
+                           0.5 * d2)
 
 
 @pytest.mark.parametrize("s", [0.05, 0.5])
@@ -117,7 +123,7 @@ def test_ppo_gradient_mean_equals_closed_form(s):
     x_next = mu0 + s * torch.randn(n, D, generator=g)
     std = torch.full((n,), s)
     ppo = opd.Sampler(opd.sd3_sigmas(2), 1.0, loss="ppo")
-    opd.step_loss(mu, mu_t.expand(n, D), std, x_next, None, ppo).sum().backward()
+    opd.sampler_step_loss(mu, mu_t.expand(n, D), std, x_next, None, ppo).sum().backward()
     per_draw = mu.grad
     mu1 = mu0.clone().requires_grad_(True)
     opd.opd_loss(mu1[None], mu_t[None], torch.tensor([s])).sum().backward()
@@ -163,7 +169,8 @@ def test_group_advantages_global_std():
 
 def test_nft_optimality_probability():
     a = torch.tensor([-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0])
-    assert torch.allclose(opd.nft_r(a), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+    assert torch.allclose(opd.nft_optimality(a),
+                          torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.1])
@@ -237,6 +244,32 @@ def test_nft_old_adapter_decay_schedule():
     assert opd.nft_decay(c, 10) == pytest.approx(0.01) and opd.nft_decay(c, 900) == 0.5
 
 
+def test_the_docstrings_table_is_the_defaults():
+    """opd.py's table of the values that matter, against the defaults a run resolves from
+    opd_support/config.py (STAGE_DEFAULTS, MODEL_DEFAULTS, the Config's own): every row, and a
+    row for every (model, stage, algorithm) of the stage table."""
+    doc = opd.__doc__.splitlines()
+    head = next(i for i, line in enumerate(doc) if line.split()[:2] == ["model", "stage"])
+    rows = [re.split(r"\s{2,}", line.strip()) for line in doc[head + 1:] if
+            line.split() and line.split()[0] in ("tiny", "SD3.5-M")]
+    models = {"tiny": "tiny", "SD3.5-M": "stabilityai/stable-diffusion-3.5-medium"}
+    stages = {"teacher, GRPO-Guard": ("teacher", "grpo_guard"), "teacher, NFT": ("teacher", "nft"),
+              "distill": ("distill", None)}
+    seen = set()
+    for model, stage, a, guidance, lr, batch, k, clip, steps, group in rows:
+        name, algo = stages[stage]
+        c = config.resolve(config.parse_config(["--model", models[model], "--stage", name,
+                                                "--algo", algo or "grpo_guard"]), name)
+        seen.add((config.model_kind(c.model), name, algo))
+        assert (float(a), float(guidance), float(lr)) == (c.noise_level, c.guidance, c.lr), stage
+        assert (int(batch), int(k), int(steps)) == (c.batch_size, c.updates_per_epoch,
+                                                    c.sampler_steps), (model, stage)
+        assert clip == "-" if algo != "grpo_guard" else float(clip) == c.clip_range, stage
+        assert group == "-" if name != "teacher" else int(group) == c.group_size, stage
+    assert len(rows) == len(seen) == len(config.STAGE_DEFAULTS)
+    assert seen == set(config.STAGE_DEFAULTS)
+
+
 def module_imports():
     """{module: the project's modules it imports} for every non-test module (the support
     package's as opd_support.<name>), read from the source, imports inside functions included."""
@@ -282,6 +315,7 @@ def test_import_has_no_side_effects_and_imports_run_one_way():
         assert f == "opd.py" or not re.search(r"\bopd\._|from opd import[^\n]*\b_", text), f
 
 
+@pytest.mark.slow
 def test_sanity_quick():
     import sanity
     out = sanity.main(["--quick", "--figure", ""])
@@ -409,7 +443,7 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
     sig = opd.sd3_sigmas(3)
     try:
         one = runs.single_process()
-        samples, _, _ = opd.rl_sample(cfg, m, [task], 0, one)
+        samples, _ = opd.rl_sample(cfg, m, [task], 0, one)
         mine, traj, adv = samples[0].prompts, samples[0].traj, samples[0].advantages
 
         def losses(rows):  # the step-0 loss of these samples, both ratio forms, today's weights
@@ -442,6 +476,7 @@ def test_second_update_of_an_epoch_is_off_policy_and_rationorm_acts_there(tiny_s
     assert (l_rn - l_pl).abs().max() > 1e-4 * l_rn.abs().max()  # RatioNorm changes the loss
 
 
+@pytest.mark.slow
 def test_teacher_metrics_log_each_update_and_the_clip_acts(teacher_dir):
     """The tiny GRPO-Guard teacher (one epoch, two updates): clipfrac and mean |ratio - 1| per
     update, 0 on the on-policy first, above 0 on the second."""
@@ -492,6 +527,7 @@ def test_prompt_embeddings_stay_within_the_cache_bound(tiny_sd3):
         m.cfg = cfg
 
 
+@pytest.mark.slow
 def test_reduced_run_teacher_beats_base_and_student_keeps_it(tmp_path):
     """`python opd.py` at a reduced scale (the position task alone, half the steps): the
     GRPO-Guard teacher must beat the base on held-out prompts by a margin that a broken reward
@@ -513,6 +549,7 @@ def test_reduced_run_teacher_beats_base_and_student_keeps_it(tmp_path):
     assert r.returncode == 0 and "reused" in r.stdout
 
 
+@pytest.mark.slow
 def test_reduced_nft_teacher_improves_its_task(tmp_path):
     """A DiffusionNFT teacher (CFG-free ODE samples of the old adapter, the forward-process loss)
     on the colour task beats the base, both sampled CFG-free as NFT's models are evaluated."""
@@ -535,6 +572,7 @@ def test_reduced_nft_teacher_improves_its_task(tmp_path):
         table, base_cfg_free)  # measured with fixed timesteps (an earlier version): +0.101
 
 
+@pytest.mark.slow
 def test_base_only_eval_and_eval_of_any_subset(tmp_path, teacher_dir):
     """--stage eval on a fresh --out evaluates the base alone (it crashed in peft before); with
     one teacher folder and an extra --lora it evaluates those."""

@@ -26,6 +26,8 @@ import itertools
 
 import torch
 
+from opd_support.machinery import chunks
+
 
 def cosine(a, b):
     """cos(a, b) of two flat vectors; None when either is zero."""
@@ -46,8 +48,9 @@ class Meter:
                            else p.detach()).flatten().double() for p in self.params])
 
     def start(self):
-        """Before a step's first backward (the gradients are zero or None)."""
-        self.parts, self.last = {}, self.flat()
+        """A step's record, empty: its first backward follows the loop's zero_grad, so the
+        gradient before it is zero (the previous step's may still be in .grad now)."""
+        self.parts, self.last = {}, 0
 
     def mark(self, task, half):
         """After a backward: what it added to the gradient is task's, half 0 or 1."""
@@ -118,6 +121,14 @@ class Off:
 
 
 OFF = Off()
+
+
+def micro_batches(n, size):
+    """The micro-batches of a task's n samples (machinery.chunks), each with the half of the
+    batch it belongs to, 0 for the first half of the micro-batches and 1 for the rest: the
+    (half, slice) pairs whose gradients Meter.mark records apart, for the split-half cosine."""
+    parts = chunks(n, size)
+    return [(2 * k // len(parts), s) for k, s in enumerate(parts)]
 
 
 def reliability(split_half):

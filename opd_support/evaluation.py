@@ -12,9 +12,8 @@ import torch
 
 from opd_support.checkpoints import write_text
 from opd_support.loras import LORA_FILE, load_lora, run_info
-from opd_support.machinery import gather, rank_world, rng
+from opd_support.machinery import cost, gather, rank_world, rng
 from opd_support.prompts import score
-from opd_support.runs import cost
 from opd_support.sd3 import drop_adapters, sd3_sigmas
 
 

@@ -1,7 +1,8 @@
 """
 The machinery under opd.py, baselines.py and bench.py, none of it the method: processes and
-their collectives, named random streams, logging, timers, the EMA of the weights, the guarded
-optimizer step, and the command-line wrapper that turns bad input into one line.
+their collectives, named random streams, logging, timers, the compute count, the EMA of the
+weights, the guarded optimizer step, and the command-line wrapper that turns bad input into one
+line.
 """
 import contextlib
 import dataclasses
@@ -221,6 +222,17 @@ class Timer:
         self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
 
 
+GRAD_PASS = 2  # a pass with grad, in forward passes: forward + backward through the frozen base
+#                (activation gradients only: a LoRA needs no gradient of the base's weights)
+
+
+def cost(passes):
+    """A run's compute in forward passes of the transformer (one row each: an image, or one
+    half of CFG), every pass it ran (rollouts, teachers, old and reference models, fake scores),
+    a pass with grad counting GRAD_PASS; the text encoders and the VAE are not counted."""
+    return passes["nograd"] + GRAD_PASS * passes["grad"]
+
+
 # ------------------------------------------------------------------------------ optimisation
 class EMA:
     """Exponential moving average of the trained weights, as Flow-GRPO keeps it: after optimizer
@@ -269,8 +281,9 @@ def average_gradients(params, world):
 
 
 def guarded_step(opt, params, grad_clip, max_bad, bad, rank):
-    """Clip and step, unless the gradient is not finite: then skip (warn), and abort after
-    max_bad such steps in a row. Returns (grad norm, bad steps in a row)."""
+    """Clip and step, unless the gradient is not finite: then drop it and skip (warn), and abort
+    after max_bad such steps in a row. The loop zeroes the gradients before its next backward
+    passes. Returns (grad norm, bad steps in a row)."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
@@ -281,7 +294,6 @@ def guarded_step(opt, params, grad_clip, max_bad, bad, rank):
                             f"checkpoint is kept")
         return float(norm), bad
     opt.step()
-    opt.zero_grad(set_to_none=True)
     return float(norm), 0
 
 

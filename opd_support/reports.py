@@ -6,8 +6,10 @@ differences with 95% t-intervals). They read the JSON files the runs wrote; noth
 import json
 import os
 
+from opd_support import results
 from opd_support.checkpoints import write_text
 from opd_support.evaluation import method_seconds, normalised_mean
+from opd_support.results import GAIN_FLOOR, paired, pm, spread
 
 FRACTIONS = (0.5, 0.75, 0.9)  # rounds until the held-out gain first reaches these of its final
 
@@ -44,27 +46,6 @@ def noise_figure(path, res, names):
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def spread(xs):
-    """mean, sample standard deviation (0 for one value) and the values."""
-    mean = sum(xs) / len(xs)
-    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return {"mean": mean, "sd": sd, "values": xs}
-
-
-def paired(xs):
-    """spread() of paired differences plus the half-width of their 95% t-interval,
-    t_{0.975, n-1} sd / sqrt(n) (None for one seed): the interval excludes 0 when |mean| > it."""
-    from scipy.stats import t as student_t
-    d, n = spread(xs), len(xs)
-    d["ci95"] = float(student_t.ppf(0.975, n - 1)) * d["sd"] / n ** 0.5 if n > 1 else None
-    return d
-
-
-def pm(d, p=3):
-    """'mean ± sd' of a spread()."""
-    return f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
 
 
 def marked(d, p=3):
@@ -192,7 +173,6 @@ def val_seconds(run_dir):
     return round(sum(r.get("val_seconds", 0) for r in rows), 1)
 
 
-GAIN_FLOOR = 0.01  # a teacher's gain below this (metric units) counts as this much
 
 
 def gain_share(metrics, base, teachers, tasks):
@@ -330,7 +310,6 @@ def main(argv=None):
     import argparse
     import sys
 
-    from opd_support import results
     ap = argparse.ArgumentParser(description=main.__doc__.split(";")[0])
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
     ap.add_argument("--collect", nargs=2, metavar=("RUN", "REGIME"),

@@ -23,7 +23,6 @@ import shutil
 from opd_support import conflict
 from opd_support.checkpoints import write_text
 from opd_support.evaluation import normalised_mean
-from opd_support.reports import GAIN_FLOOR, paired, pm, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results")
@@ -37,6 +36,29 @@ LABEL = {"student": "**OPD**", "student-sft": "SFT (teacher images)",
          "cascade-nft": "cascade NFT"}
 SHARE = 0.9  # equal cost: the compute at which a method first reaches this share of the gains
 BOOT = 2000  # bootstrap resamples of the prompts
+GAIN_FLOOR = 0.01  # a teacher's gain below this (metric units) counts as this much
+
+
+# ---------------------------------------------------------------------------------- statistics
+def spread(xs):
+    """mean, sample standard deviation (0 for one value) and the values."""
+    mean = sum(xs) / len(xs)
+    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "values": xs}
+
+
+def paired(xs):
+    """spread() of paired differences plus the half-width of their 95% t-interval,
+    t_{0.975, n-1} sd / sqrt(n) (None for one seed): the interval excludes 0 when |mean| > it."""
+    from scipy.stats import t as student_t
+    d, n = spread(xs), len(xs)
+    d["ci95"] = float(student_t.ppf(0.975, n - 1)) * d["sd"] / n ** 0.5 if n > 1 else None
+    return d
+
+
+def pm(d, p=3):
+    """'mean ± sd' of a spread()."""
+    return f"{d['mean']:.{p}f} ± {d['sd']:.{p}f}"
 
 
 # ---------------------------------------------------------------------------------- collect

@@ -7,9 +7,13 @@ A training stage's life, around the loops of opd.py and baselines.py:
   start_run    the stage's folder (plan: fresh, resumed, continued to more steps, or done and
                reused), its trained adapter with AdamW and EMA (and a baseline's extra
                adapters), restored when resuming
+  each_round, each_epoch   the steps of the loop, each after the validation (--eval_every) and
+               with the text encoders' embeddings of the coming prompts made ahead
   optimizer_step   gradients averaged over the ranks, clipped, one step (non-finite: skipped)
-  checkpoint   when due, and at once on SIGTERM / SIGUSR1 (then the run stops, exit code 75);
-               inside an RL epoch, before its next update (stop_inside_epoch)
+  after_step   the bookkeeping after a step, none of it in the maths: EMA, counters, training
+               seconds, the metrics row, the checkpoint when due, and at once on SIGTERM /
+               SIGUSR1 (then the run stops, exit code 75); inside an RL epoch, a stop lands
+               before its next update (stop_inside_epoch)
   finish_run   the ranks checked in sync, the EMA weights saved as the stage's LoRA
 """
 import contextlib
@@ -26,9 +30,10 @@ import torch
 from opd_support import checkpoints as ck
 from opd_support import conflict
 from opd_support.config import parse_pairs, resolve
+from opd_support.evaluation import validate
 from opd_support.loras import LORA_FILE, adapter_state, check_lora, layout, run_info, save_lora
 from opd_support.machinery import (EMA, Trackers, append_jsonl, average_gradients, bar, barrier,
-                                   check_in_sync, compile_model, config_text, dist_setup,
+                                   check_in_sync, compile_model, config_text, cost, dist_setup,
                                    guarded_step, rank_world, say, sum_over_ranks)
 from opd_support.options import Stopped, UserError
 from opd_support.prompts import draw_prompts, make_task
@@ -170,7 +175,10 @@ class Run:
     world: int
     start: int = 0
     step: int = 0                                      # optimizer steps done
+    every: int = 1                                     # optimizer steps a round (RL: an epoch)
     elapsed: float = 0.0                               # training seconds (evaluation excluded)
+    clock: float = 0.0                                 # when the training seconds last counted
+    bar: object = None                                 # the progress bar (rank 0)
     model: object = None                               # the SD3 wrapper: its passes count
     bad_steps: int = 0                                 # non-finite steps in a row
     extra: dict = dataclasses.field(default_factory=dict)  # name -> Adapter (a baseline's)
@@ -191,18 +199,6 @@ class Run:
             append_jsonl(os.path.join(self.dir, "metrics.jsonl"), row)
             if self.trackers:
                 self.trackers.log(row)
-
-
-
-GRAD_PASS = 2  # a pass with grad, in forward passes: forward + backward through the frozen base
-#                (activation gradients only: a LoRA needs no gradient of the base's weights)
-
-
-def cost(passes):
-    """A run's compute in forward passes of the transformer (one row each: an image, or one
-    half of CFG), every pass it ran (rollouts, teachers, old and reference models, fake scores),
-    a pass with grad counting GRAD_PASS; the text encoders and the VAE are not counted."""
-    return passes["nograd"] + GRAD_PASS * passes["grad"]
 
 
 def plan(run_dir, cfg, what):
@@ -341,11 +337,54 @@ def optimizer_step(cfg, run, adapter=None):
     return guarded_step(a.opt, a.params, a.clip, cfg.max_bad_steps, 0, run.rank)[0]
 
 
-def rounds(run, first, end, every=1):
-    """The optimizer steps that begin a round (every=1) or an RL epoch of `every` updates, from
-    the one that holds step `first` (a run stopped inside an epoch resumes in it) to `end`, with
-    a progress bar on rank 0."""
-    return bar(range(first - first % every, end, every), run.rank, os.path.basename(run.dir))
+def each_round(cfg, model, tasks, run):
+    """Stage 2's rounds r = run.start, ..., optim_steps - 1 (the step of each), with a progress
+    bar on rank 0. Before each: the validation (--eval_every; --plateau ends the rounds there)
+    and the prompts of this and the coming rounds embedded ahead; after the last: the final
+    validation. None of it changes the maths."""
+    for r in validated_steps(cfg, model, tasks, run, 1):
+        embed_round_prompts(cfg, model, tasks, r, run)
+        yield r
+
+
+def each_epoch(cfg, model, schedule, run):
+    """Stage 1's epochs: the optimizer step `first` of each (K = updates_per_epoch steps
+    apart), as each_round: validation on every task of the schedule, the text encoders ahead."""
+    K = cfg.updates_per_epoch
+    every_task = list({t.name: t for tasks in schedule for t in tasks}.values())
+    for first in validated_steps(cfg, model, every_task, run, K):
+        embed_epoch_prompts(cfg, model, schedule, first)
+        yield first
+
+
+def validated_steps(cfg, model, tasks, run, every):
+    """The steps run.start, run.start + every, ... < optim_steps, each after the validation,
+    which is not timed (the training seconds count from the step's start); then the final one."""
+    run.every = every  # from the epoch that holds run.start (a stop inside one resumes in it)
+    run.bar = bar(range(run.start - run.start % every, cfg.optim_steps, every), run.rank,
+                  os.path.basename(run.dir))
+    for first in run.bar:
+        if validate(cfg, model, tasks, run, first):  # --plateau: stop
+            break
+        run.clock = time.perf_counter()
+        yield first
+    validate(cfg, model, tasks, run, None)
+
+
+def after_step(cfg, run, end, row):
+    """The bookkeeping after optimizer step end - 1, none of it in the maths: the EMA, the step
+    counter, the training seconds, the metrics row (with --log_conflict's statistics), the mean
+    reward on the progress bar, and at a round's end (RL: an epoch's) the checkpoint when due and
+    the stop when signalled."""
+    run.ema.step(end)
+    run.step, now = end, time.perf_counter()
+    run.elapsed, run.clock = run.elapsed + now - run.clock, now
+    run.log(step=end, **row, **run.conflict_row)
+    rewards = [v for k, v in row.items() if k.startswith("reward_")]
+    if rewards:
+        run.bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}")
+    if end % run.every == 0:  # the round's (the epoch's) last step
+        checkpoint(cfg, run.model, run, end - run.every, end)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from opd_support import tiny
 from conftest import ok, run
 
 
+@pytest.mark.slow
 def test_bench_prints_flops_saved_bytes_and_memory(tmp_path):
     r = run("--rounds", "1", "--batch_size", "4", "--sampler_steps", "3", "--tasks", "color,jpeg",
             "--out", str(tmp_path), script="bench.py")
@@ -98,6 +99,7 @@ def test_counted_flops_equal_the_round_formula(tiny_sd3):
         sd3.drop_adapters(m)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu_through_the_same_code(tmp_path):
     """`python bench.py --gpu_check`, here on the tiny model and the CPU: every stage measured,
     one JSON and one markdown table, and the round's operator profile."""

@@ -91,6 +91,7 @@ def meter_rows(halves, steps, dim, seed=0):
     cfg = types.SimpleNamespace(grad_clip=1.0, max_bad_steps=5)
     rows = []
     for step in range(steps):
+        opt.zero_grad(set_to_none=True)  # the loops' cycle: zero_grad, backward passes, step
         run.conflict.start()
         for (task, half), grad in halves(step, g).items():
             (grad @ w).backward()
@@ -163,6 +164,7 @@ def test_plateau_rule_on_made_up_curves():
     assert not evaluation.plateaued(flat[:3], 3, 0.005)  # too few evaluations to judge
 
 
+@pytest.mark.slow
 def test_conflict_tasks_run_and_joint_rl_logs_cosines_and_the_floor(tmp_path):
     """The three new tasks from the command line, `baselines.py --stage joint --model
     tiny-conflict --tasks vivid,faded,exact --log_conflict`, tiny: every
@@ -203,7 +205,7 @@ def test_nft_update_marks_both_halves_of_each_task(tiny_sd3):
         m.active = "?"
         run = runs.single_process()
         run.conflict = conflict.Meter(params)
-        samples, _, _ = opd.rl_sample(cfg, m, [task], 0, run)
+        samples, _ = opd.rl_sample(cfg, m, [task], 0, run)
         run.conflict.start()
         opd.nft_update(cfg, m, samples, torch.arange(4), 0, run)
         run.conflict.before_step(torch.optim.AdamW(params))

@@ -131,6 +131,7 @@ def test_a_hub_id_resolves_to_its_subfolder(monkeypatch, tmp_path):
     assert asked == [("org/DiffusionOPD", ["Teacher/lora/*"])]
 
 
+@pytest.mark.slow
 def test_a_peft_teacher_distils_and_a_peft_lora_evaluates(tmp_path, teacher_dir):
     """The command line with a peft folder as --teachers and as --lora."""
     weights, config = loras.read_lora(teacher_dir)  # our format's, as the file says

@@ -161,12 +161,17 @@ def test_bad_files_are_one_line_naming_the_path(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--stage", "teacher", "--task", "ocr", "--prompts", "/nonexistent.txt"], "--prompts"),
     (["--stage", "teacher", "--reward", "nope"], "unknown reward"),
-    (["--model", "/nonexistent/sd3-folder", "--stage", "teacher"], "cannot load model"),
-    (["--stage", "teacher", "--reward", "clipscore"], "openai/clip-vit-large-patch14"),
-    (["--stage", "teacher", "--reward", "imagereward"], "THUDM/ImageReward"),
+    # the slow ones load the model or a reward's libraries before they stop
+    pytest.param(["--model", "/nonexistent/sd3-folder", "--stage", "teacher"],
+                 "cannot load model", marks=pytest.mark.slow),
+    pytest.param(["--stage", "teacher", "--reward", "clipscore"],
+                 "openai/clip-vit-large-patch14", marks=pytest.mark.slow),
+    pytest.param(["--stage", "teacher", "--reward", "imagereward"], "THUDM/ImageReward",
+                 marks=pytest.mark.slow),
     (["--stage", "teacher", "--task", "geneval", "--prompts", "README.md"], "GenEval metadata"),
     (["--stage", "teacher", "--task", "ocr", "--prompts", "requirements.txt"], "no quoted text"),
-    (["--stage", "teacher", "--lora_targets", "to_q,nope"], "'nope'"),
+    pytest.param(["--stage", "teacher", "--lora_targets", "to_q,nope"], "'nope'",
+                 marks=pytest.mark.slow),
     (["--stage", "teacher", "--lr", "-1"], "--lr: got -1.0, accepts a finite number in (0, 1]"),
 ])
 def test_bad_input_through_the_command_line(args, needle, tmp_path):
@@ -175,6 +180,7 @@ def test_bad_input_through_the_command_line(args, needle, tmp_path):
     one_line_error(r, needle)
 
 
+@pytest.mark.slow
 def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
     out = str(tmp_path / "o")
     assert run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--out", out).returncode == 0
@@ -191,6 +197,7 @@ def test_bad_resume_and_foreign_checkpoint_touch_nothing(tmp_path):
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_more_bad_inputs(tmp_path, teacher_dir):
     from safetensors.torch import save_file
     bad = tmp_path / "other-model"

@@ -13,6 +13,7 @@ from opd_support import machinery
 from opd_support.loras import LORA_FILE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["teacher", "distill", "dmd"])
 def test_killed_or_stopped_then_resumed_equals_uninterrupted(stage, tmp_path, teacher_dir):
     """Three stage kinds: a teacher (RL epochs of two updates), a distillation, and a DMD student
@@ -222,6 +223,7 @@ def test_non_finite_steps_are_skipped_then_abort():
             _, bad = machinery.guarded_step(opt, [w], 1.0, 3, bad, rank=0)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_stay_identical(tmp_path):
     out = str(tmp_path / "o")
     r = torchrun("--stage", "all", "--optim_steps", "2", *SMALL, "--eval_sampler_steps", "4",
@@ -259,6 +261,7 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
             and r.stdout.count("error: ranks diverged") == 1)
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_saved_says_so(tmp_path):
     r = ok(run("--stage", "teacher", "--optim_steps", "2", *SMALL, "--resume", "--out",
                str(tmp_path / "o")))
@@ -281,6 +284,7 @@ def _wait_for(path, p, pred=lambda text: True, timeout=300):
     return False
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_resumes_from_the_one_before(tmp_path):
     args = ["--stage", "teacher", "--optim_steps", "6", *SMALL]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -327,6 +331,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(tmp_path, monkeypatch)
     assert tree(run_dir) == before and ck.verify(os.path.join(run_dir, "ckpt-0000001")) is None
 
 
+@pytest.mark.slow
 def test_a_full_tmpfs_is_one_line(tmp_path):
     """The same through the command line on a 64 kB tmpfs (where this machine may mount one):
     the first checkpoint does not fit."""
@@ -343,6 +348,7 @@ def test_a_full_tmpfs_is_one_line(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+@pytest.mark.slow
 def test_one_run_per_folder(tmp_path):
     """A second run on a folder in use stops with one line naming the holder's pid and host;
     the lock of a killed run (its pid gone) is taken over with one line."""
@@ -367,6 +373,7 @@ def test_bench_gpu_check_without_cuda_is_one_line(tmp_path):
     one_line_error(r, "--device cuda: no CUDA device is available")
 
 
+@pytest.mark.slow
 def test_tensorboard_wandb_and_the_curves_command(tmp_path):
     """--log_to tensorboard writes the rows of metrics.jsonl as event files (read back with
     tensorboard's own reader); --log_to wandb hands the same rows to wandb.log (a stand-in

@@ -15,6 +15,7 @@ from opd_support import tiny
 from opd_support.loras import LORA_FILE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["ocr", "geneval", "aesthetic"])
 def test_real_tasks_run_with_built_in_prompts(task, tmp_path):
     """No --prompts: the built-in sets. OCR (rapidocr ships its models) trains on the tiny model;
@@ -181,6 +182,7 @@ def test_reward_mixture_weights_and_bad_specs():
             rewards.load(bad)
 
 
+@pytest.mark.slow
 def test_reward_offline_error_names_the_model(tmp_path):
     """No network: the first call (or --time) stops with one line naming the model id."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
