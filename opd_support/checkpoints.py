@@ -276,11 +276,10 @@ def check_resume(run_dir, cfg, say=None):
 def same_run(saved, cfg, run_dir):
     """A run's saved config (a checkpoint's, or a finished run's config.json) against the
     command's: every option outside cfg.resumable (config.RESUMABLE and a subclass's; a
-    teacher's: outside TEACHER_RESUMABLE too) must be equal, else one UserError listing each
-    difference."""
-    from opd_support.config import TEACHER_RESUMABLE
-    free = cfg.resumable | (TEACHER_RESUMABLE if os.path.basename(run_dir).startswith("teacher-")
-                            else set())
+    teacher's: outside cfg.teacher_resumable too) must be equal, else one UserError listing
+    each difference."""
+    teacher = os.path.basename(run_dir).startswith("teacher-")
+    free = cfg.resumable | (cfg.teacher_resumable if teacher else set())
     differ = [f"--{f.name} {saved[f.name]} (now {getattr(cfg, f.name)})"
               for f in dataclasses.fields(cfg)
               if f.name not in free and f.name in saved and saved[f.name] != getattr(cfg, f.name)]

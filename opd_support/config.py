@@ -48,10 +48,11 @@ def _decay_ok(s):
 # changes the numbers of an optimizer step beyond float rounding (--device: a GPU computes in bf16).
 # Every other field, a new one too, must equal the saved run's (checkpoints.check_resume), even
 # --micro_batch: it changes which noise each SDE trajectory draws, not only float rounding.
-RESUMABLE = {"stage", "task", "out", "optim_steps", "plateau", "eval_every", "val_seeds",
-             "eval_sampler_steps", "eval_batch", "eval_prompts", "eval_seeds", "export_geneval",
-             "lora", "log_to", "log_conflict", "save_every", "resume", "overwrite", "max_bad_steps",
-             "grad_checkpointing", "compile", "text_encoders", "embed_cache_mb", "device"}
+RESUMABLE = {"stage", "task", "out", "optim_steps", "plateau", "min_cost", "eval_every",
+             "val_seeds", "eval_sampler_steps", "eval_batch", "eval_prompts", "eval_seeds",
+             "export_geneval", "lora", "log_to", "log_conflict", "save_every", "resume",
+             "overwrite", "max_bad_steps", "grad_checkpointing", "compile", "text_encoders",
+             "embed_cache_mb", "device"}
 TEACHER_RESUMABLE = {"tasks", "teachers", "teacher_guidance", "loss", "sde_weight", "two_pass",
                      "loss_steps"}  # stage 2's alone: a teacher's task is its folder's name
 
@@ -59,6 +60,7 @@ TEACHER_RESUMABLE = {"tasks", "teachers", "teacher_guidance", "loss", "sde_weigh
 @dataclasses.dataclass
 class Config:
     resumable: typing.ClassVar[set] = RESUMABLE  # a subclass adds its own (baselines.py)
+    teacher_resumable: typing.ClassVar[set] = TEACHER_RESUMABLE
     # what to run, on which model, where
     stage: str = arg("all", one_of(*STAGES), "all = teacher, distill, eval; or one of them")
     task: str = arg("color", one_of(*TASKS), "the task of --stage teacher")
