@@ -72,7 +72,8 @@ from opd_support.sd3 import sd3_sigmas
 # maths: the flow-matching SDE/ODE step, log-densities, the paper's closed-form OPD loss and its
 # two variants, GRPO-Guard, DiffusionNFT. Shared by the 2D toy (sanity.py) and SD3.
 # Paper symbols -> code: t_j -> t, t_{j+1} -> t_next, dt_j -> dt, a -> noise_level,
-# sigma_t -> sigma, sigma-bar_j (full transition std) -> std, mu_j -> mu, x_j -> x.
+# sigma_t -> sigma, sigma-bar_j (full transition std) -> std, mu_j -> mu, x_j -> x; the times
+# t_0 = 1 > ... > t_N = 0 of a sampler -> sigmas (diffusers' name for them: not sigma_t).
 # Convention: t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; v = eps - x0.
 # ---------------------------------------------------------------------------------------------
 def bcast(value, x):
@@ -93,7 +94,8 @@ def transition(x, v, t, t_next, noise_level):
     if noise_level == 0:
         # ODE: mu_j = x_j + v dt
         return x + v * dt, x.new_zeros(B)
-    # sigma_t = a sqrt(t / (1 - t)); at t = 1 the denominator uses 1 - t_{j+1} instead
+    # sigma_t = a sqrt(t / (1 - t)); at t = 1 (the first step) the denominator uses 1 - t_{j+1}
+    # instead: 1 - t is 0 there (Flow-GRPO's sigma_max = its second time does the same)
     sigma = noise_level * torch.sqrt(tt / torch.where(tt >= 1, 1 - tn, 1 - tt))
     # mu_j = x_j + [v + sigma_t^2 / (2t) (x_j + (1 - t) v)] dt
     mu = x + (v + sigma**2 / (2 * tt) * (x + (1 - tt) * v)) * dt
@@ -164,8 +166,8 @@ def opd_loss(mu_s, mu_t, std=None):
 def sigma_weighted_opd_loss(mu_s, mu_t, std, dt):
     """VARIANT, the public code's SDE weight (sde_weight="sigma"): ||mu_S - mu_T||^2 / D over
     2 sigma_t^2 instead of Eq. 11's 2 std_j^2, i.e. Eq. 11 x |dt|: steps with a small |dt| weigh
-    relatively less (with SD3's shifted schedule the early ones, t near 1: |dt| 0.04 there, 0.26
-    at the end). (B,)."""
+    relatively less (with SD3's shifted schedule the early ones, t near 1: |dt| 0.04 there, 0.27
+    at the last trained step). (B,)."""
     d2 = (mu_s.float() - mu_t.float()).pow(2).flatten(1).mean(1)  # ||mu_S - mu_T||^2 / D
     dt = torch.as_tensor(dt, dtype=torch.float32, device=std.device)
     return 1 / (2 * std.float() ** 2) * dt.abs() * d2  # 1 / (2 sigma_t^2) = |dt| / (2 std^2)
@@ -230,8 +232,10 @@ def log_ratio(mu, mu_old, x_next, std, ratio_norm=True):
     element-mean convention. mu: the trained policy's mean (with grad); mu_old, x_next, std:
     stored from the rollout. ratio_norm: GRPO-Guard's RatioNorm, else plain Flow-GRPO."""
     if ratio_norm:
-        # RatioNorm: log r_hat = mean(eps * (mu_theta - mu_old)), eps = (x_{j+1} - mu_old) / s;
-        # the left shift -mean(dmu^2)/(2 s^2) is removed and the 1/s scale undone, per sample
+        # the true element-mean log-ratio, with dmu = mu_theta - mu_old and x_{j+1} = mu_old +
+        # s eps:  log r = mean(eps * dmu) / s - mean(dmu^2) / (2 s^2), a mean below 0 (the
+        # "left shift") and a scale 1/s that explodes as s -> 0. RatioNorm drops the shift and
+        # multiplies by s, per sample:  log r_hat = mean(eps * dmu)
         eps = (x_next - mu_old) / bcast(std, mu)
         return (eps * (mu.float() - mu_old)).flatten(1).mean(1)
     return gaussian_logp(x_next, mu, std) - gaussian_logp(x_next, mu_old, std)
@@ -302,7 +306,9 @@ def distill_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
         mu_student, std = transition(x, student(x, t), t, t_next, a)  # with grad
         loss = sampler_step_loss(mu_student, mu_teacher, std, x_next, t_next - t, sampler).mean()
         loss = loss / len(sampler.loss_steps)
-        # the student's forward came last: gradient checkpointing recomputes it, not the teacher
+        # model.use() switches the adapter of every layer, and gradient checkpointing recomputes
+        # a block in the backward pass with the adapter active then: the student's, as its
+        # forward came after the teacher's (the fused loop below and nft_update keep that order)
         (loss * scale).backward()
         total += float(loss.detach())
     return traj["states"][:, -1], total
@@ -374,7 +380,7 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
                 run.conflict.mark(task.name, half)  # --log_conflict: the halves of a task
         row["grad_norm"] = runs.optimizer_step(cfg, run)  # averaged over the ranks, clipped
         runs.after_step(cfg, run, r + 1, row)  # EMA, time, log, checkpoint: no maths
-    runs.finish_run(cfg, model, run, run.step * len(tasks) * cfg.batch_size)
+    runs.finish_run(cfg, model, run, trajectories=run.step * len(tasks) * cfg.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,9 +390,9 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
 class Samples:
     """One task's samples of an RL epoch on this rank."""
     task_name: str
-    prompts: list              # (b,) the prompt of each image
-    traj: dict                 # rollout(): states (b, N+1, C, h, w), means, stds, logps
-    advantages: torch.Tensor   # (b,) within each prompt's group
+    prompts: list              # (n,) the prompt of each image, n = K x batch_size / ranks
+    traj: dict                 # rollout(): states (n, N+1, C, h, w), means, stds, logps
+    advantages: torch.Tensor   # (n,) within each prompt's group (NFT: the batch's std)
 
 
 def rl_sample(cfg, model, tasks, first, run):
@@ -519,14 +525,14 @@ def train_rl(cfg, model, schedule, name):
             stats = grpo_guard_update(cfg, model, samples, rows, run) \
                 if cfg.algo == "grpo_guard" else nft_update(cfg, model, samples, rows, step, run)
             grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks, clipped
-            if u == K - 1:  # the epoch's end: NFT's old adapter follows (GRPO-Guard has none)
+            if cfg.algo == "nft" and u == K - 1:  # the epoch's end: NFT's old adapter follows
                 with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta
                     for p_old, p in zip(run.aux, run.params):
                         p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
             row = {**(epoch_stats if u == 0 else {}), "grad_norm": grad_norm, **stats}
             runs.after_step(cfg, run, step + 1, row)  # EMA, time, log, checkpoint: no maths
     trajectories = sum(len(schedule[e]) for e in range(run.step // K)) * K * cfg.batch_size
-    runs.finish_run(cfg, model, run, trajectories)
+    runs.finish_run(cfg, model, run, trajectories=trajectories)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ class Config:
              f"{self.updates_per_epoch}: an epoch's updates are not split by a checkpoint"),
             (rl and self.algo == "grpo_guard" and a == 0,
              "--algo grpo_guard needs --noise_level > 0: the ODE step has no density"),
+            (rl and self.algo == "nft" and a > 0,
+             f"--algo nft samples with the ODE (its stored images are clean samples): "
+             f"--noise_level must be 0, got {a}"),
             (stage == "distill" and self.loss == "ppo" and a == 0,
              "--loss ppo needs --noise_level > 0: the ODE step has no density"),
             (stage == "distill" and self.sde_weight != "kl" and a == 0,
