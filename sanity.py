@@ -4,9 +4,9 @@ the closed-form per-step KL is the gradient to use, what on-policy distillation 
 trajectories, and how it compares with joint RL, cascade RL and its own variants.
 
     pip install torch matplotlib      # all the toy needs
-    python sanity.py                  # every part, 5 seeds, 2 worker processes (README: times)
-    python sanity.py --part variants  # or grad, noise, multitask
-    python sanity.py --quick          # reduced sizes, 1 seed (what the test runs)
+    python sanity.py                  # every part, 5 seeds, 2 processes: 7 CPU-minutes
+    python sanity.py --part variants  # or grad, noise, multitask (README: the time of each)
+    python sanity.py --quick          # reduced sizes, 1 seed (what the test runs): ~1 CPU-min
 
 Parts (README.md and docs/results.md have the numbers to expect)
   grad       closed-form vs PPO-style gradient of the per-step KL: both unbiased; the PPO one has
@@ -472,7 +472,6 @@ def table_noise(res, seeds, base_r, teacher_r):
     return "\n".join(out)
 
 
-
 def lr_name(lr):
     return f"{lr:.0e}".replace("e-0", "e-")  # 0.001 -> 1e-3
 
@@ -503,7 +502,6 @@ def multitask_models(res, seed, base_rewards):
     rows["OPD"] = {**opd_row, "seconds": opd_row["seconds"] + sum(
         res["teacher", seed, k]["seconds"] for k in TASKS)}  # with its teachers'
     return rows
-
 
 
 def table_multitask(res, seeds, base_rewards, size):
@@ -681,7 +679,7 @@ def draw_pulls(axes, base, teachers, student, per_task=2, magnify=2.0):
     start of distillation and at its end; third panel: DanceOPD's one queried state each. The
     same noise x_0 in every panel. Three axes."""
     panels = [(base, "OPD, round 0: every state pulled", False),
-              (student, "OPD, its end: the pulls vanish", False),
+              (student, "OPD, its end: the pulls are small", False),
               (base, "DanceOPD, round 0: one state each", True)]
     noise = torch.randn(len(TASKS), per_task, 2, generator=gen("figure"))
     query = dance_query(len(SIGMAS) - 1, per_task, gen("figure", "query"))
