@@ -1,48 +1,100 @@
 """
-A 2D toy of DiffusionOPD, pure torch on CPU, using opd.py's maths (no second copy of it).
+A 2D toy of DiffusionOPD in pure torch on the CPU, with opd.py's maths (no second copy of it): why
+the closed-form per-step KL is the gradient to use, what on-policy distillation does to a student's
+trajectories, and how it compares with joint RL, cascade RL and its own variants.
 
-    python sanity.py                  # all three parts, ~2 min on 2 cores; sanity.png if matplotlib
-    python sanity.py --part grad      # or noise, multitask
-    python sanity.py --quick          # reduced sizes (what the tests run)
+    pip install torch matplotlib      # all the toy needs
+    python sanity.py                  # every part, 5 seeds, 2 processes: 7 CPU-minutes
+    python sanity.py --part variants  # or grad, noise, multitask (README: the time of each)
+    python sanity.py --quick          # reduced sizes, 1 seed (what the test runs): ~1 CPU-min
 
-Parts
-  grad       closed-form vs PPO-style gradient of the per-step teacher KL: both unbiased, the
-             PPO one has a variance that grows as the noise level a shrinks (none at a = 0).
+Parts (README.md and docs/results.md have the numbers to expect)
+  grad       closed-form vs PPO-style gradient of the per-step KL: both unbiased; the PPO one has
+             a variance that grows as the noise level a shrinks, and no density at a = 0 (ODE).
   noise      distil one teacher with rollouts at a = 0 (ODE), 0.3, 0.7: updates to 90% of the gap.
-  multitask  8-Gaussian ring, 3 tasks: GRPO-Guard teachers, joint RL, cascade RL, and OPD.
+  multitask  8 Gaussians on a ring, 3 tasks with their own prompts: GRPO-Guard teachers, joint RL
+             (two learning rates), cascade RL and OPD, every method sampling the same number of
+             trajectories per task; joint RL's groups with zero advantage; the conflict meter.
+  variants   OPD's variants at equal rollouts, with their costs: the closed form on every state
+             (ours), DanceOPD, the teachers averaged, off-policy, PPO-style.
+--out (default runs/sanity) receives tables.md (every table printed) and the figures:
+sanity-opd.png (the student's states and the teachers' pulls on them; the variants' reward against
+their costs) and sanity-multitask.png (every model's samples on every task).
 
-The base is a small prompt-conditioned velocity MLP pretrained by flow matching on the ring
-(every prompt sees the whole ring). Teachers are full fine-tunes (no LoRA in the toy).
+Simplifications (and why)
+1. The base is a small prompt-conditioned velocity MLP pretrained by flow matching on the ring
+   (every prompt sees the whole ring); teachers, students and RL models are full fine-tunes of
+   it (no LoRA in 2D). One base for every seed: a seed changes the training, not the base.
+2. 10 sampler steps, t uniform (no shift in 2D); rewards are in [0, 1] and read from the last
+   state x_N (no decoder).
+3. Every method samples 64 trajectories per task and update (RL: 4 prompts x a group of 16;
+   OPD: 64 student rollouts); joint and cascade RL get as many updates as a teacher and the
+   student together, so each method samples as many trajectories per task as OPD with its teacher.
+4. Seeds run in worker processes (--workers), each single-threaded.
 """
 import argparse
+import collections
+import contextlib
 import copy
+import dataclasses
 import math
+import os
 import time
+import zlib
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from opd import (Sampler, bcast, clipped_loss, distill_trajectory, group_advantages, log_ratio,
-                 rollout, sampler_step_loss, transition)
+from opd import (Sampler, bcast, clipped_loss, distill_trajectory_fused, group_advantages,
+                 log_ratio, opd_loss, rollout, sampler_step_loss, transition)
 from opd_support.conflict import Meter
 from opd_support.sd3 import sd3_sigmas
 
+
+@dataclasses.dataclass
+class Sizes:
+    """How long each part trains (--quick: QUICK)."""
+    pretrain: int = 1500       # flow-matching steps of the base (batch 512)
+    teacher: int = 60          # GRPO-Guard updates of a teacher (64 trajectories of its task each)
+    rounds: int = 100          # OPD rounds (64 student rollouts per task each); joint and cascade
+                               # RL: teacher + rounds updates (per task, in cascade)
+    noise_rounds: int = 45     # OPD rounds of the noise part (one task)
+    draws: int = 2000          # grad: single-sample draws per estimator at fixed states
+    trajectories: int = 500    # grad: single-trajectory gradients over whole rollouts
+
+
+NOISE_LEVELS = [0.0, 0.3, 0.7]  # the noise part's rollouts: a = 0 is the ODE
+JOINT_LRS = [1e-3, 2e-3]  # joint RL: the default learning rate (every method's) and twice it
+QUICK = Sizes(pretrain=600, teacher=40, rounds=60, noise_rounds=40, draws=400, trajectories=150)
+
+
+def gen(*key):
+    """A generator for one named stream of random numbers, e.g. gen(seed, "teacher", task)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+# ---------------------------------------------------------------------------------- the toy
 N_PROMPTS = 12  # 4 prompts per task
-# samples far off the ring earn nothing (else "upper" is won by flying off to y = +inf)
-on_ring = lambda x: torch.exp(-(x.norm(dim=1) - 2) ** 2 / (2 * 0.25**2))
-TASKS = {  # task -> (prompt ids, reward in [0, 1] of a (B, 2) sample)
+MODE = 2.0 * torch.tensor([math.cos(5 * math.pi / 4), math.sin(5 * math.pi / 4)])
+
+
+def on_ring(x):  # samples far off the ring earn nothing (else "upper" flies off to y = +inf)
+    return torch.exp(-(x.norm(dim=1) - 2) ** 2 / (2 * 0.25**2))
+
+
+TASKS = {  # task -> (prompt ids, reward in [0, 1] of (B, 2) final states)
     "upper": ([0, 1, 2, 3], lambda x: torch.sigmoid(4 * x[:, 1]) * on_ring(x)),
     "right": ([4, 5, 6, 7], lambda x: torch.sigmoid(4 * x[:, 0]) * on_ring(x)),
     # the ring's mode at 225 degrees (lower left): pulls against the two others
     "mode": ([8, 9, 10, 11], lambda x: torch.exp(-((x - MODE) ** 2).sum(1) / (2 * 0.5**2))),
 }
-MODE = 2.0 * torch.tensor([math.cos(5 * math.pi / 4), math.sin(5 * math.pi / 4)])
-SIGMAS = sd3_sigmas(10, shift=1.0)  # 10 sampler steps; no shift needed in 2D
+SIGMAS = sd3_sigmas(10, shift=1.0)  # 10 sampler steps t_0 = 1 > ... > t_10 = 0; no shift in 2D
+GROUP = 16  # RL: trajectories per prompt; 4 prompts x 16 = 64 per task and update
 
 
 class VelocityMLP(nn.Module):
-    """v(x, t, prompt): (B, 2) -> (B, 2)."""
+    """v(x, t, prompt): (B, 2) -> (B, 2); t a float or (B,)."""
 
     def __init__(self, hidden=128):
         super().__init__()
@@ -64,10 +116,10 @@ def ring(n, g):
     return 2 * torch.stack([k.cos(), k.sin()], 1) + 0.1 * torch.randn(n, 2, generator=g)
 
 
-def pretrain_base(steps, seed=0):
+def pretrain_base(steps):
     """Flow matching: x_t = (1 - t) x0 + t eps, regress v = eps - x0, prompt ids at random."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    g = gen("base")
+    torch.manual_seed(0)
     model = VelocityMLP()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(steps):
@@ -79,88 +131,160 @@ def pretrain_base(steps, seed=0):
     return model
 
 
-def vel(model, prompt):
-    """The velocity closure opd.rollout / opd.distill_trajectory expect."""
-    return lambda x, t: model(x, t, prompt)
+def vel(model, prompt, count=None, who="student"):
+    """The velocity function v(x, t) that opd.py's samplers call, for these prompts. count (a
+    Counter) adds the rows each call evaluates, under who (the student's: with grad or not)."""
+    def v(x, t):
+        if count is not None:
+            grad_on = who == "student" and torch.is_grad_enabled()
+            count[f"{who} with grad" if grad_on else who] += len(x)
+        return model(x, t, prompt)
+    return v
 
 
-def samples(model, prompt_ids, n, seed, noise_level=0.0):
-    """n ODE samples per prompt id (fixed seed): returns (x (P*n, 2), prompts (P*n,))."""
-    g = torch.Generator().manual_seed(seed)
-    p = torch.tensor(prompt_ids).repeat_interleave(n)
-    x = rollout(vel(model, p), torch.randn(len(p), 2, generator=g), SIGMAS, noise_level, g)
-    return x["states"][:, -1], p
+def samples(model, task, n, seed=123):
+    """n ODE samples on each of the task's prompts (fixed noise): (4 n, 2) final states."""
+    p = torch.tensor(TASKS[task][0]).repeat_interleave(n)
+    return rollout(vel(model, p), torch.randn(len(p), 2, generator=gen(seed)), SIGMAS, 0.0)[
+        "states"][:, -1]
 
 
-def task_reward(model, task, n=512, seed=123):
-    ids, reward = TASKS[task]
-    x, _ = samples(model, ids, n, seed)
-    return reward(x).mean().item()
+def rewards_of(model, n=512):
+    """{task: mean reward on its own prompts}, ODE samples."""
+    return {k: TASKS[k][1](samples(model, k, n)).mean().item() for k in TASKS}
 
 
 # ---------------------------------------------------------------------------------- RL (toy)
-def grpo_update(model, opt, task_prompts, g, meter, group=16, noise_level=0.7, clip=1e-3):
-    """One GRPO-Guard update: per prompt a group of SDE rollouts, group advantages, then the
-    clipped loss (RatioNorm, 1/|dt|) on every stored step. task_prompts: {task: (ids, reward)}.
-    Each task's samples train in two halves, their gradients recorded by meter (conflict.py)."""
-    p = torch.cat([torch.tensor(ids) for ids, _ in task_prompts.values()]).repeat_interleave(group)
-    x = torch.randn(len(p), 2, generator=g)
-    traj = rollout(vel(model, p), x, SIGMAS, noise_level, g)
+ZERO_SPREAD = 1e-6  # a group whose rewards' std is below this has all advantages ~0 (< 0.01)
+
+
+def grpo_update(model, opt, tasks, g, meter, count, noise_level=0.7, clip=1e-3):
+    """One GRPO-Guard update: per prompt a group of SDE rollouts, each rewarded by its prompt's
+    task, group advantages, then the clipped loss (RatioNorm, 1/|dt|) on every stored step (all
+    the steps of a trajectory in one batch: the weights do not change inside the update). Each
+    task's groups train in two halves, their gradients recorded by the meter (conflict.py).
+    count: as opd's. Returns {task: share of its groups with zero advantage (rewards all equal)}.
+    """
+    p = torch.cat([torch.tensor(TASKS[k][0]) for k in tasks]).repeat_interleave(GROUP)  # (B,)
+    traj = rollout(vel(model, p, count), torch.randn(len(p), 2, generator=g), SIGMAS,
+                   noise_level, g)
+    count["trajectories"] += len(p)
     rewards = torch.zeros(len(p))
-    for ids, reward in task_prompts.values():  # each prompt is rewarded by its own task
-        m = torch.isin(p, torch.tensor(ids))
-        rewards[m] = reward(traj["states"][m, -1])
-    adv = group_advantages(rewards, p)
+    for k in tasks:  # each prompt is rewarded by its own task
+        m = torch.isin(p, torch.tensor(TASKS[k][0]))
+        rewards[m] = TASKS[k][1](traj["states"][m, -1])
+    adv = group_advantages(rewards, p)  # (B,) A = (r - mean_group) / (std_group + 1e-4)
+    N, silent = len(SIGMAS) - 1, {}
     opt.zero_grad()
     meter.start()
-    N = len(SIGMAS) - 1
-    for task, (ids, _) in task_prompts.items():
-        rows = torch.isin(p, torch.tensor(ids)).nonzero()[:, 0]
+    for k in tasks:
+        rows = torch.isin(p, torch.tensor(TASKS[k][0])).nonzero()[:, 0]
+        spread = rewards[rows].view(-1, GROUP).std(1)  # (prompts,) a group's reward spread
+        silent[k] = (spread < ZERO_SPREAD).float().mean().item()
         for half, r in enumerate((rows[0::2], rows[1::2])):  # two halves of the task's groups
-            for j in range(N):
-                x_j = traj["states"][r, j]
-                mu, _ = transition(x_j, model(x_j, SIGMAS[j], p[r]), SIGMAS[j], SIGMAS[j + 1],
-                                   noise_level)
-                ratio = log_ratio(mu, traj["means"][r, j], traj["states"][r, j + 1],
-                                  traj["stds"][r, j]).exp()
-                # GRPO-Guard: RatioNorm's ratio, the clipped loss divided by |dt_j|
-                loss = clipped_loss(ratio, adv[r], clip) / abs(float(SIGMAS[j + 1] - SIGMAS[j]))
-                (loss.sum() / len(p) / N).backward()
-            meter.mark(task, half)
+            b = len(r)
+            t, t_next = SIGMAS[:-1].repeat(b), SIGMAS[1:].repeat(b)  # (b N,)
+            x = traj["states"][r, :-1].reshape(b * N, 2)  # x_j of every step j, (b N, 2)
+            v = vel(model, p[r].repeat_interleave(N), count)(x, t)  # with grad
+            mu, _ = transition(x, v, t, t_next, noise_level)
+            ratio = log_ratio(mu, traj["means"][r].reshape(b * N, 2),
+                              traj["states"][r, 1:].reshape(b * N, 2),
+                              traj["stds"][r].reshape(b * N)).exp()
+            # GRPO-Guard: RatioNorm's ratio, the clipped loss divided by |dt_j|
+            loss = clipped_loss(ratio, adv[r].repeat_interleave(N), clip) / (t - t_next)
+            (loss.sum() / len(p) / N).backward()
+            meter.mark(k, half)
     meter.before_step(opt)
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return rewards.mean().item()
+    return silent
 
 
-def rl(model, tasks, updates, seed, lr=1e-3, conflict=None):
-    """GRPO-Guard on a copy of model; tasks: the task names whose prompts are mixed per batch.
-    conflict: a list that receives each update's gradient cosines (conflict.Meter's row)."""
+def rl(model, tasks, updates, g, lr=1e-3, log=None, count=None):
+    """GRPO-Guard on a copy of model, the prompts of `tasks` mixed in every batch. log: a list
+    that receives each update's row: the meter's statistics and zero_adv_<task>; count: a
+    Counter of the forwards, as opd's."""
     model = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
     meter = Meter(list(model.parameters()))
+    count = collections.Counter() if count is None else count
     for _ in range(updates):
-        grpo_update(model, opt, {k: TASKS[k] for k in tasks}, g, meter)
+        silent = grpo_update(model, opt, tasks, g, meter, count)
         row = meter.row()
-        if conflict is not None:
-            conflict.append(row)
+        if log is not None:
+            log.append({**row, **{f"zero_adv_{k}": v for k, v in silent.items()}})
     return model
 
 
-def opd(base, teachers, rounds, seed, noise_level=0.0, lr=1e-3, batch=256, log_every=0,
-        eval_task=None, conflict=None):
-    """OPD: student from the base; each round, for each task m, a student rollout on its prompts
-    supervised by teacher m (closed form, steps 0..N-2), in two halves; one optimizer step a
-    round on the mean of the tasks' gradients. conflict: as rl's."""
+# ------------------------------------------------------------------- OPD and its variants
+def dance_query(n_states, batch, g):
+    """DanceOPD's query state per sample: index int(u n_states), u ~ Beta(5, 2) (the 5th smallest
+    of 6 uniforms; mean 5/7, toward the low-noise end), clamped to n_states - 1. (batch,)."""
+    u = torch.rand(batch, 6, generator=g).sort(1).values[:, 4]
+    return (u * n_states).long().clamp(max=n_states - 1)
+
+
+def dance_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
+    """DanceOPD (as baselines.py's): the student's ODE rollout, ONE query state x_q per sample,
+    L = mean ||v_S(x_q) - v_T(x_q)||^2 against the routed teacher: one student forward+backward
+    and one teacher forward per sample. Same signature as opd.distill_trajectory."""
+    sigmas = sampler.sigmas
+    q = dance_query(len(sigmas) - 1, len(x), generator)  # over the N states with a velocity
+    states = rollout(student, x, sigmas[: int(q.max()) + 1], 0.0)["states"]  # to the deepest
+    x_q, t_q = states[torch.arange(len(x)), q], sigmas[q]  # (B, 2), (B,)
+    with torch.no_grad():
+        v_teacher = teacher(x_q, t_q)
+    loss = (student(x_q, t_q) - v_teacher).pow(2).mean(1).mean()
+    (loss * scale).backward()
+    return x_q, float(loss.detach())
+
+
+def offpolicy_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
+    """Off-policy OPD (as baselines.py's): the TEACHER's ODE rollout; on each of its states the
+    student's mean is pulled to the teacher's, 1/2 ||mu_S(x_j) - mu_T(x_j)||^2: the closed form on
+    states the student would not visit itself."""
+    sigmas, n = sampler.sigmas, len(sampler.loss_steps)
+    traj = rollout(teacher, x, sigmas, 0.0)  # states (B, N+1, 2), the teacher's means (B, N, 2)
+    for j in sampler.loss_steps:
+        x_j = traj["states"][:, j]
+        mu_s, std = transition(x_j, student(x_j, sigmas[j]), sigmas[j], sigmas[j + 1], 0.0)
+        (opd_loss(mu_s, traj["means"][:, j]).mean() / n * scale).backward()  # ODE: Eq. 12
+    return traj["states"][:, -1], 0.0
+
+
+def averaged(teachers, prompt, count):
+    """The teachers averaged (no routing): mean_m v_T^m, whose step's mean is the mean of the
+    teachers' means (mu is affine in v at a given state)."""
+    vs = [vel(t, prompt, count, "teacher") for t in teachers.values()]
+    return lambda x, t: sum(v(x, t) for v in vs) / len(vs)
+
+
+VARIANTS = {  # name -> (trajectory function, rollout noise level a, loss, teachers' target)
+    "OPD (ours)": (distill_trajectory_fused, 0.0, "closed", "routed"),
+    "DanceOPD": (dance_trajectory, 0.0, "closed", "routed"),
+    "teachers averaged": (distill_trajectory_fused, 0.0, "closed", "averaged"),
+    "off-policy": (offpolicy_trajectory, 0.0, "closed", "routed"),
+    "PPO-style (a=0.7)": (distill_trajectory_fused, 0.7, "ppo", "routed"),
+}
+
+
+def opd(base, teachers, rounds, g, variant="OPD (ours)", noise_level=None, lr=1e-3, batch=64,
+        log=None, curve_every=0):
+    """Algorithm 1 on the toy. The student starts at the base; each round, for each task m,
+    `batch` student rollouts on m's prompts (two halves), every state supervised by teacher m
+    (closed form, steps 0..N-2), then ONE optimizer step on the mean of the tasks' gradients.
+    variant (VARIANTS) changes which states, which target and which loss; noise_level overrides
+    its a.
+    log: as rl's. Returns (student, Counter of forwards, [(round, reward of the first task)])."""
+    trajectory, a, loss, target = VARIANTS[variant]
+    sampler = Sampler(SIGMAS, a if noise_level is None else noise_level, loss=loss)
     student = copy.deepcopy(base)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    sampler = Sampler(SIGMAS, noise_level)  # loss on steps 0..N-2
-    meter, curve = Meter(list(student.parameters())), []
+    meter, count, curve = Meter(list(student.parameters())), collections.Counter(), []
+    first = next(iter(teachers))
     for r in range(rounds + 1):
-        if log_every and r % log_every == 0:
-            curve.append((r, task_reward(student, eval_task)))
+        if curve_every and r % curve_every == 0:
+            curve.append((r, TASKS[first][1](samples(student, first, 256)).mean().item()))
         if r == rounds:
             break
         opt.zero_grad()
@@ -169,38 +293,97 @@ def opd(base, teachers, rounds, seed, noise_level=0.0, lr=1e-3, batch=256, log_e
             ids = torch.tensor(TASKS[task][0])
             for half in (0, 1):
                 p = ids[torch.randint(0, len(ids), (batch // 2,), generator=g)]
-                distill_trajectory(vel(student, p), vel(teacher, p),
-                                   torch.randn(batch // 2, 2, generator=g), sampler, g,
-                                   0.5 / len(teachers))
+                pull = (vel(teacher, p, count, "teacher") if target == "routed"
+                        else averaged(teachers, p, count))
+                trajectory(vel(student, p, count), pull, torch.randn(batch // 2, 2, generator=g),
+                           sampler, g, 0.5 / len(teachers))  # the gradient: a mean over tasks
                 meter.mark(task, half)
         meter.before_step(opt)
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        row = meter.row()
-        if conflict is not None:
-            conflict.append(row)
-    return student, curve
+        if log is not None:
+            log.append(meter.row())
+    count["trajectories"] = rounds * batch * len(teachers)
+    return student, count, curve
 
 
-def conflict_table(name, rows):
-    """Print each statistic of conflict.Meter's rows: mean and 95% t-interval over steps."""
-    from scipy.stats import t as student_t
-    out = {}
-    for k in sorted({k for r in rows for k in r}):
-        v = torch.tensor([r[k] for r in rows if r.get(k) is not None], dtype=torch.float64)
-        half = float(student_t.ppf(0.975, len(v) - 1)) * v.std() / len(v) ** 0.5
-        out[k] = (v.mean().item(), half.item())
-        print(f"  {name:<9} {k:<22} {v.mean():+.3f} +- {half:.3f}")
-    return out
+# ------------------------------------------------------------- jobs (one seed, one method)
+def cpu_seconds():
+    return time.process_time()  # this process's CPU time: a job runs single-threaded in it
+
+
+def job_teacher(base, task, seed, size):
+    t0, count = cpu_seconds(), collections.Counter()
+    model = rl(base, [task], size.teacher, gen(seed, "teacher", task), count=count)
+    return dict(model=model, seconds=cpu_seconds() - t0, rewards=rewards_of(model), count=count)
+
+
+def job_joint(base, seed, lr, size):
+    t0, log, count = cpu_seconds(), [], collections.Counter()
+    model = rl(base, list(TASKS), size.teacher + size.rounds, gen(seed, "joint", lr), lr, log,
+               count)
+    return dict(model=model, seconds=cpu_seconds() - t0, rewards=rewards_of(model), log=log,
+                count=count)
+
+
+def job_cascade(base, seed, size):
+    t0, model, log, count = cpu_seconds(), base, [], collections.Counter()
+    for k in TASKS:  # one task after another, each as long as a teacher and the student together
+        model = rl(model, [k], size.teacher + size.rounds, gen(seed, "cascade", k), log=log,
+                   count=count)
+    return dict(model=model, seconds=cpu_seconds() - t0, rewards=rewards_of(model), log=log,
+                count=count)
+
+
+def job_opd(base, teachers, seed, variant, size):
+    t0, log = cpu_seconds(), []
+    model, count, _ = opd(base, teachers, size.rounds, gen(seed, "opd", variant), variant,
+                          log=log if variant == "OPD (ours)" else None)
+    return dict(model=model, seconds=cpu_seconds() - t0, rewards=rewards_of(model), log=log,
+                count=count)
+
+
+def job_noise(base, teacher, seed, a, size):
+    _, _, curve = opd(base, {"upper": teacher}, size.noise_rounds, gen(seed, "noise", a),
+                      noise_level=a, curve_every=5)
+    return dict(curve=curve)
+
+
+def job_grad(base, teacher, size):
+    return dict(rows=part_grad(base, teacher, size))
+
+
+def timed(fn, kwargs):
+    """fn(**kwargs), single-threaded, with its wall and CPU seconds ("wall", "cpu")."""
+    torch.set_num_threads(1)
+    t0, c0 = time.time(), cpu_seconds()
+    out = fn(**kwargs)
+    return {**out, "wall": time.time() - t0, "cpu": cpu_seconds() - c0}
+
+
+def run_jobs(pool, jobs):
+    """{key: (fn, kwargs)} -> {key: timed result}, on the pool's processes (None: here)."""
+    if pool is None:
+        return {key: timed(fn, kw) for key, (fn, kw) in jobs.items()}
+    futures = {key: pool.submit(timed, fn, kw) for key, (fn, kw) in jobs.items()}
+    return {key: f.result() for key, f in futures.items()}
+
+
+def worker_pool(workers):
+    """`workers` fresh interpreters (spawn: no forked torch state), or None for one."""
+    if workers <= 1:
+        return contextlib.nullcontext()
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 # ---------------------------------------------------------------------------------- parts
-def part_grad(base, teacher, quick):
+def part_grad(base, teacher, size):
     """Per-sample gradients (torch.func) of the closed-form loss and of the PPO surrogate."""
-    print("\n== grad: closed-form vs PPO-style gradient of the per-step KL ==")
-    n_draws = 400 if quick else 4000
+    n_draws = size.draws
     params = {k: v.detach() for k, v in base.named_parameters()}
-    g = torch.Generator().manual_seed(1)
+    g = gen("grad")
     j = 5  # a middle step of the 10-step schedule
     t, t_next = SIGMAS[j], SIGMAS[j + 1]
     p = torch.zeros(64, dtype=torch.long)
@@ -217,10 +400,8 @@ def part_grad(base, teacher, quick):
                                  Sampler(SIGMAS, a, loss=kind)).mean()
 
     # dict of gradients -> one vector (or one row per draw when batched by vmap)
-    flat = lambda gr, b=False: torch.cat([v.flatten(int(b)) for v in gr.values()], -1)
-    print(f"fixed states (64 states at t={t:.2f}), {n_draws} single-sample draws per estimator")
-    print(f"{'a':>5} {'|g_closed|':>11} {'rel.err PPO mean':>17} {'+- MC s.e.':>11} "
-          f"{'var closed':>11} {'var PPO':>11} {'PPO/closed-norm^2':>18}")
+    def flat(gr, batched=False):
+        return torch.cat([v.flatten(int(batched)) for v in gr.values()], -1)
     rows = []
     for a in [1.0, 0.7, 0.3, 0.1]:
         eps = torch.randn(n_draws, 64, 2, generator=g)
@@ -231,16 +412,8 @@ def part_grad(base, teacher, quick):
         rel = (mean - g_c).norm() / g_c.norm()
         se = (var / n_draws).sqrt() / g_c.norm()
         rows.append((a, rel.item(), se.item(), var.item() / g_c.norm().item() ** 2))
-        print(f"{a:5.1f} {g_c.norm():11.4g} {rel:17.4f} {se:11.4f} {0.0:11.3g} {var:11.4g} "
-              f"{var / g_c.norm() ** 2:18.4g}")
-    # a = 0: the closed form is the ODE loss 1/2 ||mu_S - mu_T||^2; the PPO ratio has no density
-    g0 = flat(grad(loss_at)(params, x, torch.zeros(64, 2), 0.0, "closed"))
-    print(f"  0.0 {g0.norm():11.4g}   (ODE: the closed form works; PPO needs a density: std = 0)")
-
     # whole rollouts: random states, gradient of the summed loss over steps 0..8 per trajectory
-    n_traj = 200 if quick else 1000
-    print(f"\nwhole rollouts ({n_traj} single-trajectory gradients, states random)")
-    print(f"{'a':>5} {'var closed':>11} {'var PPO':>11} {'PPO/closed':>11}")
+    n_traj = size.trajectories
     pr = torch.zeros(1, dtype=torch.long)
     for a in [1.0, 0.7, 0.3, 0.1]:
         traj = rollout(vel(base, torch.zeros(n_traj, dtype=torch.long)),
@@ -261,120 +434,473 @@ def part_grad(base, teacher, quick):
                                               SIGMAS[jj + 1] - SIGMAS[jj],
                                               Sampler(SIGMAS, a, loss=kind)).sum()
             return tot
-        vc = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps,
-                                                                    "closed"), True).var(0).sum()
-        vp = flat(vmap(grad(traj_loss), in_dims=(None, 0, 0, None))(params, traj["states"], eps,
-                                                                    "ppo"), True).var(0).sum()
-        print(f"{a:5.1f} {vc:11.4g} {vp:11.4g} {vp / vc:11.3g}")
+        per_traj = vmap(grad(traj_loss), in_dims=(None, 0, 0, None))
+        vc = flat(per_traj(params, traj["states"], eps, "closed"), True).var(0).sum()
+        vp = flat(per_traj(params, traj["states"], eps, "ppo"), True).var(0).sum()
         rows.append((a, vc.item(), vp.item()))
     return rows
 
 
-def part_noise(base, quick):
-    print("\n== noise: distil one teacher (task 'upper') with rollouts at different noise "
-          "levels ==")
-    teacher = rl(base, ["upper"], 60 if quick else 150, seed=2)
-    r_base, r_teacher = task_reward(base, "upper"), task_reward(teacher, "upper")
-    print(f"reward: base {r_base:.3f}, teacher {r_teacher:.3f}")
-    rounds = 60 if quick else 200
-    curves, hit = {}, {}
-    for a in [0.0, 0.3, 0.7]:
-        _, curve = opd(base, {"upper": teacher}, rounds, seed=3, noise_level=a, log_every=5,
-                       eval_task="upper")
-        curves[a] = curve
-        gap = [(r, (rw - r_base) / (r_teacher - r_base)) for r, rw in curve]
-        hit[a] = next((r for r, f in gap if f >= 0.9), None)
-        pts = ", ".join(f"{r}:{f:.2f}" for r, f in gap[:: max(1, len(gap) // 6)])
-        print(f"a={a:.1f}  fraction of gap closed at update {pts};  90% at update {hit[a]}")
-    if hit[0.0] and hit[0.7]:
-        print(f"updates to 90%: SDE(a=0.7) / ODE = {hit[0.7] / hit[0.0]:.2f}x (paper: up to 5x)")
-    else:
-        print("updates to 90%: not reached by every setting within the budget")
-    return dict(base=r_base, teacher=r_teacher, curves=curves, hit=hit)
+def table_grad(rows, size):
+    fixed, whole = rows[:4], rows[4:]
+    out = [f"grad: 64 fixed states at t = {SIGMAS[5]:.2f}, {size.draws} single-sample draws per "
+           f"estimator; whole rollouts: {size.trajectories} single-trajectory gradients", "",
+           "| a | rel. error of PPO mean | MC s.e. | var PPO / closed-form norm^2 "
+           "| whole rollouts: var PPO / var closed |", "|---|---|---|---|---|"]
+    for (a, rel, se, rv), (_, vc, vp) in zip(fixed, whole):
+        out.append(f"| {a} | {rel:.3f} | {se:.3f} | {rv:.3g} | {vp / vc:.3g} |")
+    out.append("| 0 (ODE) | the closed form works | | PPO has no density (std = 0) | |")
+    return "\n".join(out)
 
 
-def part_multitask(base, quick):
-    print("\n== multitask: 3 tasks on the ring, teachers vs joint RL vs cascade RL vs OPD ==")
-    T = 50 if quick else 150  # RL updates per task
-    models = {"base": base}
-    for i, k in enumerate(TASKS):
-        models[f"teacher-{k}"] = rl(base, [k], T, seed=10 + i)
-    # same number of sampled trajectories for joint, cascade and OPD: 3 T batches of each task
-    conflict = {"joint RL": [], "OPD": []}  # per-step gradient cosines (conflict.py)
-    models["joint RL"] = rl(base, list(TASKS), 3 * T, seed=20, conflict=conflict["joint RL"])
-    m = base
-    for i, k in enumerate(TASKS):
-        m = rl(m, [k], 3 * T, seed=30 + i)
-    models["cascade RL"] = m
-    teachers = {k: models[f"teacher-{k}"] for k in TASKS}
-    models["OPD"], _ = opd(base, teachers, 3 * T if not quick else 2 * T, seed=40, batch=128,
-                           conflict=conflict["OPD"])
-    table = {name: {k: task_reward(mdl, k) for k in TASKS} for name, mdl in models.items()}
+def updates_to(curve, lo, hi, share=0.9):
+    """The first logged round at which the reward closed `share` of the gap lo -> hi (or None)."""
+    return next((r for r, w in curve if (w - lo) / (hi - lo) >= share), None)
+
+
+def table_noise(res, seeds, base_r, teacher_r):
+    out = ["noise: one teacher (task upper) distilled with rollouts at noise level a; rounds "
+           "to close 90% of the base-teacher gap (read every 5), per seed", "",
+           "| a | rounds to 90%, per seed | mean ± sd | gap closed at round 20 |",
+           "|---|---|---|---|"]
+    for a in NOISE_LEVELS:
+        hits = [updates_to(res["noise", s, a]["curve"], base_r[s], teacher_r[s]) for s in seeds]
+        at20 = [next(((w - base_r[s]) / (teacher_r[s] - base_r[s]) for r, w in
+                      res["noise", s, a]["curve"] if r == 20), float("nan")) for s in seeds]
+        ok = [h for h in hits if h is not None]
+        ms = mean_sd(ok, 1) if len(ok) == len(hits) else f"{len(hits) - len(ok)} not reached"
+        per_seed = ", ".join("-" if h is None else str(h) for h in hits)
+        out.append(f"| {a} | {per_seed} | {ms} | {mean_sd(at20, 2)} |")
+    return "\n".join(out)
+
+
+def lr_name(lr):
+    return f"{lr:.0e}".replace("e-0", "e-")  # 0.001 -> 1e-3
+
+
+def mean_sd(v, digits=3):
+    """'mean ± sd' over seeds (sd: the sample standard deviation); one seed: its value."""
+    v = torch.tensor([float(x) for x in v], dtype=torch.float64)
+    if len(v) == 1:
+        return f"{v.item():.{digits}f}"
+    return f"{v.mean().item():.{digits}f} ± {v.std().item():.{digits}f}"
+
+
+def normalised_avg(table):
+    """Per model: the mean over tasks of (r - min) / (max - min) within one seed's table."""
     lo = {k: min(r[k] for r in table.values()) for k in TASKS}
     hi = {k: max(r[k] for r in table.values()) for k in TASKS}
-    print(f"{'model':<14}" + "".join(f"{k:>9}" for k in TASKS) + f"{'avg':>9}")
-    for name, r in list(table.items()):
-        avg = sum((r[k] - lo[k]) / (hi[k] - lo[k] + 1e-12) for k in TASKS) / len(TASKS)
-        r["avg"] = avg
-        print(f"{name:<14}" + "".join(f"{r[k]:9.3f}" for k in TASKS) + f"{avg:9.3f}")
-    print("(reward per task on its own prompts, ODE samples; avg = mean of min-max-normalised "
-          "scores)")
-    print("gradient conflict per step (conflict.py: cos_a_b raw, cos_adam_a_b preconditioned, "
-          "cos_half_m the noise floor, dloss_m the first-order change of task m's loss):")
-    table["conflict"] = {name: conflict_table(name, rows) for name, rows in conflict.items()}
-    return table, models
+    return {m: sum((r[k] - lo[k]) / (hi[k] - lo[k] + 1e-12) for k in TASKS) / len(TASKS)
+            for m, r in table.items()}
 
 
-def figure(models, noise, path="sanity.png"):
+def multitask_models(res, seed, base_rewards):
+    """{row name: job result (or the base's rewards)} of one seed's multitask table."""
+    rows = {"base": dict(rewards=base_rewards, seconds=0.0)}
+    rows |= {f"teacher-{k}": res["teacher", seed, k] for k in TASKS}
+    rows |= {f"joint RL, lr {lr_name(lr)}": res["joint", seed, lr] for lr in JOINT_LRS}
+    rows["cascade RL"] = res["cascade", seed]
+    opd_row = res["opd", seed, "OPD (ours)"]
+    rows["OPD"] = {**opd_row, "seconds": opd_row["seconds"] + sum(
+        res["teacher", seed, k]["seconds"] for k in TASKS)}  # with its teachers'
+    return rows
+
+
+def table_multitask(res, seeds, base_rewards, size):
+    per_seed = [multitask_models(res, s, base_rewards) for s in seeds]
+    avgs = [normalised_avg({m: row["rewards"] for m, row in t.items()}) for t in per_seed]
+    T, R = size.teacher, size.rounds
+    traj = {"base": "-", "OPD": f"{(T + R) * 64:,}"}  # trajectories per task
+    out = [f"multitask: reward per task on its own prompts (ODE samples), mean ± sd over "
+           f"{len(seeds)} seeds; avg = mean of min-max-normalised scores within each seed; "
+           f"trajectories sampled per task (OPD's: its teacher's {T} x 64 and its own {R} x 64); "
+           "train CPU-s: single-threaded, OPD's with its three teachers'", "",
+           "| model | upper | right | mode | avg | trajectories per task | train CPU-s |",
+           "|---|---|---|---|---|---|---|"]
+    for m in per_seed[0]:
+        n = traj.get(m, f"{T * 64:,}" if m.startswith("teacher") else f"{(T + R) * 64:,}")
+        cells = [mean_sd([t[m]["rewards"][k] for t in per_seed]) for k in TASKS]
+        avg = mean_sd([a[m] for a in avgs])
+        secs = "-" if m == "base" else f"{sum(t[m]['seconds'] for t in per_seed) / len(seeds):.0f}"
+        out.append(f"| {m} | {' | '.join(cells)} | {avg} | {n} | {secs} |")
+    return "\n".join(out)
+
+
+def table_zero_adv(res, seeds):
+    """Each task's share of groups with zero advantage in joint RL and in cascade RL (each of
+    its stages on its own task), by tenths of the updates on that task."""
+    runs = {f"joint RL, lr {lr_name(lr)}": [res["joint", s, lr]["log"] for s in seeds]
+            for lr in JOINT_LRS}
+    runs["cascade RL"] = [res["cascade", s]["log"] for s in seeds]
+    out = ["zero advantage: the share of each task's groups whose rewards are all equal (spread "
+           f"< {ZERO_SPREAD:g}: no gradient) among the updates on that task, by tenths of them; "
+           f"mean over the updates and {len(seeds)} seeds (cascade RL: each stage, its task)", "",
+           "| run | task | " + " | ".join(f"{10 * i}-{10 * i + 10}%" for i in range(10)) + " |",
+           "|---|---|" + "---|" * 10]
+    for name, logs in runs.items():
+        for k in TASKS:
+            cells = []
+            for i in range(10):
+                v = []
+                for log in logs:
+                    rows = [row[f"zero_adv_{k}"] for row in log if f"zero_adv_{k}" in row]
+                    v += rows[len(rows) * i // 10: len(rows) * (i + 1) // 10]
+                cells.append(f"{100 * sum(v) / len(v):.0f}%")
+            out.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def table_conflict(res, seeds):
+    """conflict.Meter's statistics: per run the mean over its updates, then mean ± sd over
+    seeds; whatever keys the meter's rows have."""
+    lr = JOINT_LRS[0]
+    runs = {f"joint RL, lr {lr_name(lr)}": [res["joint", s, lr]["log"] for s in seeds],
+            "OPD": [res["opd", s, "OPD (ours)"]["log"] for s in seeds]}
+    keys = sorted({k for logs in runs.values() for log in logs for row in log for k in row
+                   if not k.startswith("zero_adv")})
+    out = ["conflict: the gradient-conflict meter (opd_support/conflict.py) per update; mean over "
+           f"each run's updates, then mean ± sd over {len(seeds)} seeds", "",
+           "| statistic | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for k in keys:
+        cells = []
+        for logs in runs.values():
+            per_run = [[row[k] for row in log if row.get(k) is not None] for log in logs]
+            per_run = [sum(v) / len(v) for v in per_run if v]
+            cells.append(mean_sd(per_run) if per_run else "-")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def variant_rows(res, seeds):
+    """{variant: {"rewards": [per seed {task: r}], "count": per-run Counter, "seconds": [..]}}."""
+    out = {}
+    for v in VARIANTS:
+        runs = [res["opd", s, v] for s in seeds]
+        out[v] = dict(rewards=[r["rewards"] for r in runs], count=runs[0]["count"],
+                      seconds=[r["seconds"] for r in runs])
+    return out
+
+
+def table_variants(res, seeds, size):
+    rows = variant_rows(res, seeds)
+    out = [f"variants: OPD's variants from the same teachers, {size.rounds} rounds of 64 "
+           f"trajectories per task each; forwards per run (rows of the toy's MLP; a forward "
+           f"with grad is followed by its backward); CPU-s single-threaded; reward mean ± sd "
+           f"over {len(seeds)} seeds", "",
+           "| variant | trajectories | student forwards, no grad | student forward+backward "
+           "| teacher forwards | CPU-s | upper | right | mode | mean |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, row in rows.items():
+        c = row["count"]
+        cells = [mean_sd([r[k] for r in row["rewards"]]) for k in TASKS]
+        mean = mean_sd([sum(r.values()) / len(r) for r in row["rewards"]])
+        out.append(f"| {v} | {c['trajectories']:,} | {c['student']:,} | "
+                   f"{c['student with grad']:,} | {c['teacher']:,} | "
+                   f"{sum(row['seconds']) / len(seeds):.1f} | {' | '.join(cells)} | {mean} |")
+    return "\n".join(out)
+
+
+def every_model(res, seeds, base_rewards):
+    """{model: [its run of each seed]}, multitask's models then OPD's variants."""
+    rows = multitask_models(res, seeds[0], base_rewards)
+    rows = {m: [multitask_models(res, s, base_rewards)[m] for s in seeds] for m in rows}
+    rows.pop("OPD")
+    teacher_s = [sum(res["teacher", s, k]["seconds"] for k in TASKS) for s in seeds]
+    for v in VARIANTS:  # OPD's seconds with its teachers', as in the multitask table
+        rows[v] = [{**res["opd", s, v], "seconds": res["opd", s, v]["seconds"] + t}
+                   for s, t in zip(seeds, teacher_s)]
+    return rows
+
+
+def table_per_seed(res, seeds, base_rewards):
+    out = ["per seed: reward on upper / right / mode", "",
+           "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|" + "---|" * len(seeds)]
+    for m, runs in every_model(res, seeds, base_rewards).items():
+        cells = ["/".join(f"{r['rewards'][k]:.2f}" for k in TASKS) for r in runs]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def table_summary(res, seeds, base_rewards, size):
+    """The README's table: every model of multitask and variants, reward and costs."""
+    rows = every_model(res, seeds, base_rewards)
+    T, R = size.teacher, size.rounds
+    out = [f"every method samples {(T + R) * 64:,} trajectories per task (OPD and its variants: "
+           f"their teacher's {T * 64:,} and their own {R * 64:,}; a teacher {T * 64:,}); reward "
+           f"on each task's prompts, mean ± sd over {len(seeds)} seeds; trained: the student's "
+           "forward+backward per trajectory; teacher: the teachers' forwards per trajectory; "
+           "CPU-s: training, single-threaded, OPD's with its teachers'", "",
+           "| model | upper | right | mode | mean | trained | teacher | CPU-s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m, runs in rows.items():
+        cells = [mean_sd([r["rewards"][k] for r in runs]) for k in TASKS]
+        mean = mean_sd([sum(r["rewards"].values()) / len(TASKS) for r in runs])
+        c = runs[0].get("count")
+        cost = (["-"] * 3 if c is None else
+                [f"{c['student with grad'] / c['trajectories']:.0f}",
+                 f"{c['teacher'] / c['trajectories']:.0f}",
+                 f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"])
+        out.append(f"| {m} | {' | '.join(cells)} | {mean} | {' | '.join(cost)} |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------- figures
+COLORS = {"upper": "tab:blue", "right": "tab:orange", "mode": "tab:green"}
+
+
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("(matplotlib not installed: no figure)")
-        return
+        print("(matplotlib not installed: no figures)")
+        return None
+
+
+def draw_targets(ax, tasks=TASKS):
+    """Each task's target region: the upper / right half of the ring, the lower-left mode."""
+    from matplotlib.patches import Circle, Wedge
+    ax.add_patch(Circle((0, 0), 2, fill=False, color="0.8", lw=0.8))
+    arcs = {"upper": (0, 180), "right": (-90, 90)}
+    for k in tasks:
+        if k in arcs:
+            ax.add_patch(Wedge((0, 0), 2.25, *arcs[k], width=0.5, color=COLORS[k], alpha=0.15,
+                               lw=0))
+        else:
+            ax.add_patch(Circle(MODE.tolist(), 0.5, color=COLORS[k], alpha=0.2, lw=0))
+    ax.set_xlim(-3, 3); ax.set_ylim(-3, 3); ax.set_aspect("equal")
+    ax.set_xticks([]); ax.set_yticks([])
+
+
+def draw_pulls(axes, base, teachers, student, per_task=2, magnify=2.0):
+    """A few student trajectories (ODE), and at every state with a loss the student's next mean
+    and the teacher's next mean on that same state (an arrow from one to the other), at the
+    start of distillation and at its end; third panel: DanceOPD's one queried state each. The
+    same noise x_0 in every panel. Three axes."""
+    panels = [(base, "OPD, round 0: every state pulled", False),
+              (student, "OPD, its end: the pulls are small", False),
+              (base, "DanceOPD, round 0: one state each", True)]
+    noise = torch.randn(len(TASKS), per_task, 2, generator=gen("figure"))
+    query = dance_query(len(SIGMAS) - 1, per_task, gen("figure", "query"))
+    torch.set_grad_enabled(False)  # drawing only
+    for ax, (model, title, dance) in zip(axes, panels):
+        draw_targets(ax)
+        for (k, teacher), x0 in zip(teachers.items(), noise):
+            p = torch.tensor(TASKS[k][0][:per_task])
+            s = rollout(vel(model, p), x0, SIGMAS, 0.0)["states"]  # (n, N+1, 2)
+            for i in range(per_task):
+                ax.plot(s[i, :, 0], s[i, :, 1], "-o", c=COLORS[k], ms=2, lw=1,
+                        label=k if i == 0 else None)
+            # (sample, step) with a loss: every state x_0..x_8, or DanceOPD's one per sample
+            pairs = ([(i, int(query[i])) for i in range(per_task)] if dance else
+                     [(i, j) for i in range(per_task) for j in range(len(SIGMAS) - 2)])
+            i, j = torch.tensor(pairs).T
+            x, t, t_next = s[i, j], SIGMAS[j], SIGMAS[j + 1]
+            mu_teacher, _ = transition(x, teacher(x, t, p[i]), t, t_next, 0.0)
+            mu_student = s[i, j + 1]  # the ODE: the student's next mean is its next state
+            d = mu_teacher - mu_student
+            ax.quiver(mu_student[:, 0], mu_student[:, 1], d[:, 0], d[:, 1], angles="xy",
+                      scale_units="xy", scale=1 / magnify, width=0.006, color="k")
+            if dance:
+                ax.plot(x[:, 0], x[:, 1], "s", mfc="none", mec="k", ms=7)
+        ax.set_title(title, fontsize=9)
+    torch.set_grad_enabled(True)
+    axes[0].legend(fontsize=7, loc="lower right", handlelength=1)
+    for ax, note in zip(axes, ["shaded: each task's target",
+                               f"arrow: student's next mean -> teacher's (x{magnify:g})",
+                               "square: the state queried"]):
+        ax.set_xlabel(note, fontsize=8)
+
+
+def draw_costs(axes, res, seeds, base_rewards, teacher_mean):
+    """OPD's variants: mean reward over the tasks (± sd over seeds) against each cost, one point
+    per variant. Three axes."""
+    rows = variant_rows(res, seeds)
+    costs = {"student forward+backward / trajectory":
+             lambda r: r["count"]["student with grad"] / r["count"]["trajectories"],
+             "teacher forwards / trajectory":
+             lambda r: r["count"]["teacher"] / r["count"]["trajectories"],
+             "CPU-seconds / run (teachers' not counted)":
+             lambda r: sum(r["seconds"]) / len(r["seconds"])}
+    for ax, (label, cost) in zip(axes, costs.items()):
+        for i, (v, row) in enumerate(rows.items()):
+            m = torch.tensor([sum(r.values()) / len(r) for r in row["rewards"]])
+            sd = m.std().item() if len(m) > 1 else 0.0
+            ax.errorbar(cost(row), m.mean().item(), yerr=sd, fmt="o", c=f"C{i}", capsize=3,
+                        label=v)
+        for level, name, ls in [(teacher_mean, "teachers", "--"),
+                                (sum(base_rewards.values()) / len(TASKS), "base", ":")]:
+            ax.axhline(level, ls=ls, c="0.4", lw=0.8)
+            ax.text(0.01, level, name, transform=ax.get_yaxis_transform(), va="bottom",
+                    fontsize=7)
+        ax.set_xlabel(label, fontsize=8); ax.set_xlim(left=0); ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("mean reward over the 3 tasks", fontsize=9)
+    axes[1].set_yticklabels([]); axes[2].set_yticklabels([])
+
+
+def figure_opd(path, plt, base, teachers, student, costs=None):
+    """sanity-opd.png: the pulls (draw_pulls) and, given draw_costs' arguments, the variants'
+    reward against cost below them."""
+    rows = 2 if costs else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3.5 + 3.3 * (rows - 1)), squeeze=False)
+    draw_pulls(axes[0], base, teachers, student)
+    if costs:
+        draw_costs(axes[1], *costs)
+        fig.legend(*axes[1, 0].get_legend_handles_labels(), loc="lower center",
+                   ncol=len(VARIANTS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 if costs else 0, 1, 1))
+    fig.savefig(path, dpi=100); plt.close(fig)
+
+
+def figure_multitask(models, rewards, path, plt):
+    """Samples of every model on every task's prompts, the task's target region marked; two
+    blocks of models side by side."""
     names = list(models)
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3 * (len(names) + 1), 3))
-    for ax, name in zip(axes, names):
-        for k, c in zip(TASKS, ["tab:blue", "tab:orange", "tab:green"]):
-            x, _ = samples(models[name], TASKS[k][0], 150, seed=7)
-            ax.scatter(x[:, 0], x[:, 1], s=2, c=c, label=k)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlim(-3, 3)
-        ax.set_ylim(-3, 3)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0].legend(fontsize=6, markerscale=3)
-    if noise:
-        ax = axes[-1]
-        for a, curve in noise["curves"].items():
-            ax.plot([r for r, _ in curve], [w for _, w in curve], label=f"a={a}")
-        ax.axhline(noise["teacher"], ls="--", c="k", lw=0.8, label="teacher")
-        ax.set_title("OPD reward vs updates", fontsize=9); ax.legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(path, dpi=110)
-    print(f"figure: {path}")
+    half = (len(names) + 1) // 2
+    fig, axes = plt.subplots(half, 2 * len(TASKS), figsize=(9, 1.55 * half + 0.4), squeeze=False)
+    for i, name in enumerate(names):
+        row, col0 = i % half, len(TASKS) * (i // half)
+        for c, k in enumerate(TASKS):
+            ax = axes[row, col0 + c]
+            draw_targets(ax, [k])
+            x = samples(models[name], k, 40, seed=7)
+            ax.scatter(x[:, 0], x[:, 1], s=2, c=COLORS[k])
+            ax.text(-2.85, 2.3, f"{rewards[name][k]:.2f}", fontsize=7)
+            if row == 0:
+                ax.set_title(k, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.text(0.01, 0.005, "samples of seed 0's models on each task's prompts (ODE); shaded: the "
+             "task's target; corner: its reward", fontsize=8)
+    fig.tight_layout(pad=0.3, rect=(0, 0.03, 1, 1)); fig.savefig(path, dpi=100); plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- main
+def jobs_of(parts, seeds, base, size, teachers=None):
+    """The jobs of the parts asked for: {key: (function, kwargs)}; without teachers, stage 1
+    (the teachers every later job needs), else everything else, the longest jobs first."""
+    if teachers is None:
+        tasks = ["upper"] if set(parts) <= {"grad", "noise"} else list(TASKS)
+        return {("teacher", s, k): (job_teacher, dict(base=base, task=k, seed=s, size=size))
+                for s in ([0] if parts == ["grad"] else seeds) for k in tasks}
+    jobs = {}
+    if "grad" in parts:
+        jobs["grad"] = (job_grad, dict(base=base, teacher=teachers[0]["upper"], size=size))
+    variants = (list(VARIANTS) if "variants" in parts
+                else ["OPD (ours)"] if "multitask" in parts else [])
+    for s in seeds:
+        jobs |= {("opd", s, v): (job_opd, dict(base=base, teachers=teachers[s], seed=s,
+                                               variant=v, size=size)) for v in variants}
+    if "multitask" in parts:
+        for s in seeds:
+            jobs["cascade", s] = (job_cascade, dict(base=base, seed=s, size=size))
+            jobs |= {("joint", s, lr): (job_joint, dict(base=base, seed=s, lr=lr, size=size))
+                     for lr in JOINT_LRS}
+    if "noise" in parts:
+        for s in seeds:
+            jobs |= {("noise", s, a): (job_noise, dict(base=base, teacher=teachers[s]["upper"],
+                                                       seed=s, a=a, size=size))
+                     for a in NOISE_LEVELS}
+    return jobs
+
+
+def report(parts, seeds, res, base_rewards, size):
+    """The tables of the parts run (markdown), and the numbers the tests check."""
+    tables, out = [], {"base": base_rewards, "res": res}
+    if "grad" in parts:
+        tables.append(table_grad(res["grad"]["rows"], size))
+        out["grad"] = res["grad"]["rows"]
+    if "noise" in parts:
+        r_t = {s: res["teacher", s, "upper"]["rewards"]["upper"] for s in seeds}
+        tables.append(table_noise(res, seeds, {s: base_rewards["upper"] for s in seeds}, r_t))
+        out["noise"] = {a: [updates_to(res["noise", s, a]["curve"], base_rewards["upper"],
+                                       r_t[s]) for s in seeds] for a in NOISE_LEVELS}
+    if "multitask" in parts:
+        tables += [table_multitask(res, seeds, base_rewards, size),
+                   table_zero_adv(res, seeds), table_conflict(res, seeds)]
+        out["multitask"] = [multitask_models(res, s, base_rewards) for s in seeds]
+    if "variants" in parts:
+        tables.append(table_variants(res, seeds, size))
+        out["variants"] = variant_rows(res, seeds)
+    if {"multitask", "variants"} <= set(parts):
+        tables.insert(0, table_summary(res, seeds, base_rewards, size))
+        tables.append(table_per_seed(res, seeds, base_rewards))
+    return tables, out
+
+
+def draw(parts, seeds, res, base, base_rewards, folder):
+    """The figures of the parts run, into folder: sanity-opd.png (seed 0's OPD, and the variants'
+    costs with --part variants or all), sanity-multitask.png (seed 0's models)."""
+    plt = pyplot()
+    if not plt or not {"multitask", "variants"} & set(parts):
+        return
+    s0 = seeds[0]
+    teachers = {k: res["teacher", s0, k]["model"] for k in TASKS}
+    costs = None
+    if "variants" in parts:
+        teacher_mean = sum(res["teacher", s, k]["rewards"][k] for s in seeds for k in TASKS) / (
+            len(TASKS) * len(seeds))
+        costs = (res, seeds, base_rewards, teacher_mean)
+    figure_opd(os.path.join(folder, "sanity-opd.png"), plt, base, teachers,
+               res["opd", s0, "OPD (ours)"]["model"], costs)
+    if "multitask" in parts:
+        rows = multitask_models(res, s0, base_rewards)
+        models = {m: (base if m == "base" else row["model"]) for m, row in rows.items()}
+        figure_multitask(models, {m: row["rewards"] for m, row in rows.items()},
+                         os.path.join(folder, "sanity-multitask.png"), plt)
+
+
+PART_OF = {"teacher": "teachers", "grad": "grad", "noise": "noise", "joint": "joint RL",
+           "cascade": "cascade RL", "opd": "OPD and its variants"}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--part", choices=["all", "grad", "noise", "multitask"], default="all")
-    ap.add_argument("--quick", action="store_true", help="reduced sizes (for tests)")
-    ap.add_argument("--figure", default="sanity.png", help="where to save the figure ('' = none)")
+    ap.add_argument("--part", choices=["all", "grad", "noise", "multitask", "variants"],
+                    default="all")
+    ap.add_argument("--quick", action="store_true", help="reduced sizes and 1 seed (the test)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds (default 5, --quick 1)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="worker processes, each single-threaded (1: none, all in this one)")
+    ap.add_argument("--out", default="runs/sanity", help="tables.md and the figures ('' = none)")
     args = ap.parse_args(argv)
-    t0 = time.time()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    base = pretrain_base(600 if args.quick else 2000)
-    out = {}
-    if args.part in ("all", "grad"):
-        out["grad"] = part_grad(base, rl(base, ["upper"], 20 if args.quick else 60, seed=1),
-                                args.quick)
-    if args.part in ("all", "noise"):
-        out["noise"] = part_noise(base, args.quick)
-    if args.part in ("all", "multitask"):
-        out["multitask"], models = part_multitask(base, args.quick)
-        if args.figure:
-            figure(models, out.get("noise"), args.figure)
-    print(f"\ntotal time {time.time() - t0:.0f}s")
+    size = QUICK if args.quick else Sizes()
+    seeds = list(range(args.seeds or (1 if args.quick else 5)))
+    workers = args.workers
+    parts = ["grad", "noise", "multitask", "variants"] if args.part == "all" else [args.part]
+    print(f"parts {parts}, seeds {seeds}, workers {workers}, {size}")
+    t0, c0 = time.time(), cpu_seconds()
+    torch.set_num_threads(1)
+    base = pretrain_base(size.pretrain)
+    base_rewards = rewards_of(base)
+    cpu = {"pretraining": cpu_seconds() - c0}
+    with worker_pool(workers) as pool:
+        res = run_jobs(pool, jobs_of(parts, seeds, base, size))
+        teachers = collections.defaultdict(dict)  # {seed: {task: teacher}}
+        for (_, s, k), r in res.items():
+            teachers[s][k] = r["model"]
+        res |= run_jobs(pool, jobs_of(parts, seeds, base, size, teachers))
+    tables, out = report(parts, seeds, res, base_rewards, size)
+    for key, r in res.items():  # every job's CPU time, by part
+        part = PART_OF[key if isinstance(key, str) else key[0]]
+        cpu[part] = cpu.get(part, 0.0) + r["cpu"]
+    c1 = cpu_seconds()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        draw(parts, seeds, res, base, base_rewards, args.out)
+    cpu["figures"] = cpu_seconds() - c1
+    tables.append("time, CPU-seconds (each job single-threaded): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+                  + f"; in all {sum(cpu.values()):.0f} CPU-s, {time.time() - t0:.0f} s of "
+                  f"wall-clock with {workers} worker process(es)")
+    print("\n\n".join(tables))
+    if args.out:
+        with open(os.path.join(args.out, "tables.md"), "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+        print(f"tables and figures: {args.out}/")
     return out
 
 
