@@ -48,7 +48,7 @@ from torch.func import functional_call, grad, vmap
 
 from opd import (Sampler, bcast, clipped_loss, distill_trajectory_fused, group_advantages,
                  log_ratio, opd_loss, rollout, sampler_step_loss, transition)
-from opd_support.conflict import Meter
+from opd_support.conflict import Meter, corrected
 from opd_support.sd3 import sd3_sigmas
 
 
@@ -552,21 +552,35 @@ def table_zero_adv(res, seeds):
 
 def table_conflict(res, seeds):
     """conflict.Meter's statistics: per run the mean over its updates, then mean ± sd over
-    seeds; whatever keys the meter's rows have."""
+    seeds; whatever keys the meter's rows have, and each pair's noise-corrected cosine (raw and
+    after Adam) from each seed's means (conflict.corrected)."""
     lr = JOINT_LRS[0]
     runs = {f"joint RL, lr {lr_name(lr)}": [res["joint", s, lr]["log"] for s in seeds],
             "OPD": [res["opd", s, "OPD (ours)"]["log"] for s in seeds]}
     keys = sorted({k for logs in runs.values() for log in logs for row in log for k in row
                    if not k.startswith("zero_adv")})
+    means = {name: [{k: sum(v) / len(v) for k in keys
+                     if (v := [row[k] for row in log if row.get(k) is not None])}
+                    for log in logs] for name, logs in runs.items()}  # per run, per seed
+    pairs = [k[4:].split("_") for k in keys if k.startswith("cos_") and k.count("_") == 2
+             and not k.startswith(("cos_half", "cos_adam"))]
+    for name, per_seed in means.items():
+        for m in per_seed:
+            for a, b in pairs:
+                for kind in ("", "adam_"):
+                    c = corrected(m.get(f"cos_{kind}{a}_{b}"), m.get(f"cos_{kind}half_{a}"),
+                                  m.get(f"cos_{kind}half_{b}"))
+                    if c is not None:
+                        m[f"corrected_{kind}{a}_{b}"] = c
+    keys += sorted({k for per_seed in means.values() for m in per_seed for k in m
+                    if k.startswith("corrected_")})
     out = ["conflict: the gradient-conflict meter (opd_support/conflict.py) per update; mean over "
-           f"each run's updates, then mean ± sd over {len(seeds)} seeds", "",
+           f"each run's updates, then mean ± sd over {len(seeds)} seeds; corrected_*: the "
+           "cross-task cosine with the split halves' noise taken out, from each seed's means", "",
            "| statistic | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for k in keys:
-        cells = []
-        for logs in runs.values():
-            per_run = [[row[k] for row in log if row.get(k) is not None] for log in logs]
-            per_run = [sum(v) / len(v) for v in per_run if v]
-            cells.append(mean_sd(per_run) if per_run else "-")
+        cells = [mean_sd(v) if (v := [m[k] for m in per_seed if k in m]) else "-"
+                 for per_seed in means.values()]
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -9,10 +9,11 @@ hundred kB, never weights):
                                 groups with no gradient) and validation rows, cost and seconds
   runs/<model>.json             its run.json and config.json
 
-results/tiny/ holds `python opd.py`'s eval.json. A table in README.md or docs/results.md sits
-between `<!-- results: NAME -->` and `<!-- /results -->`; tables() makes every NAME from the
-data alone (python -m opd_support.reports writes them, --check compares). Nothing here trains or
-samples; the bootstrap has a fixed seed, so the same data give the same tables.
+results/tiny/ holds `python opd.py`'s eval.json, results/toy/ `python sanity.py`'s tables.md,
+results/designs/ the conflict designs tried (one joint RL run each). A table in README.md or
+docs/results.md sits between `<!-- results: NAME -->` and `<!-- /results -->`; tables() makes
+every NAME from the data alone (python -m opd_support.reports writes them, --check compares).
+Nothing here trains or samples; the bootstrap has a fixed seed: the same data, the same tables.
 """
 import glob
 import json
@@ -472,9 +473,22 @@ def tiny_table(root=RESULTS):
     return table(["model", *tasks, "avg", "train time"], rows)
 
 
+def toy_tables(root=RESULTS):
+    """sanity.py's tables.md (a caption, then its table, ...; last its time line) as
+    {"toy-<the caption's first word>": caption and table} ('every' -> "toy"; "toy-time")."""
+    chunks = open(os.path.join(root, "toy", "tables.md")).read().strip().split("\n\n")
+    out = {"toy-time": chunks[-1]}
+    for caption, body in zip(chunks[:-1:2], chunks[1:-1:2]):
+        word = re.match(r"\w+", caption).group(0)
+        out["toy" if word == "every" else f"toy-{word}"] = caption + "\n\n" + body
+    return out
+
+
 def tables(root=RESULTS):
     """{NAME: markdown} of every results table the data make."""
     out = {}
+    if os.path.isfile(os.path.join(root, "toy", "tables.md")):
+        out.update(toy_tables(root))
     if glob.glob(os.path.join(root, "designs", "*.jsonl")):
         out["designs"] = designs_table(root)
     if os.path.isfile(os.path.join(root, "tiny", "eval.json")):
