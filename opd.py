@@ -12,8 +12,9 @@ Run manual (README.md has the numbers to expect)
     M=stabilityai/stable-diffusion-3.5-medium                        # the paper, 8 GPUs each:
     torchrun --nproc_per_node=8 opd.py --model $M --stage teacher --task ocr --grad_checkpointing
     torchrun --nproc_per_node=8 opd.py --model $M --stage distill --tasks geneval,ocr,aesthetic
-The baselines run from baselines.py, the speed and memory bench from bench.py, a 2D toy of the
-maths (closed-form against PPO-style gradients) from sanity.py.
+The baselines run from baselines.py, the speed and memory bench from bench.py, and sanity.py runs
+this file's maths on a 2D toy: closed-form against PPO-style gradients, OPD's pull on the
+student's own states, OPD's variants and joint and cascade RL at equal rollouts.
 
 Algorithm 1 (stage 2), line by line in distill()
     teachers pi_T^1..M from stage 1 (train_rl); student = the base + a LoRA with B = 0

@@ -475,13 +475,25 @@ def tiny_table(root=RESULTS):
 
 def toy_tables(root=RESULTS):
     """sanity.py's tables.md (a caption, then its table, ...; last its time line) as
-    {"toy-<the caption's first word>": caption and table} ('every' -> "toy"; "toy-time")."""
+    {"toy-<the caption's first word>": the table} ('every' -> "toy"; "toy-time": the line)."""
     chunks = open(os.path.join(root, "toy", "tables.md")).read().strip().split("\n\n")
     out = {"toy-time": chunks[-1]}
     for caption, body in zip(chunks[:-1:2], chunks[1:-1:2]):
         word = re.match(r"\w+", caption).group(0)
-        out["toy" if word == "every" else f"toy-{word}"] = caption + "\n\n" + body
+        out["toy" if word == "every" else f"toy-{word}"] = body
     return out
+
+
+def tiny_kept_table(root=RESULTS):
+    """`python opd.py`: each task's teacher gain over the base on its own task, the student's,
+    and the share of the teacher's gain the student keeps."""
+    ev = json.load(open(os.path.join(root, "tiny", "eval.json")))
+    tasks = [n[len("teacher-"):] for n in ev if n.startswith("teacher-")]
+    rows = []
+    for t in tasks:
+        teacher, student = (ev[n][t] - ev["base"][t] for n in (f"teacher-{t}", "student"))
+        rows.append([t, f"{teacher:+.3f}", f"{student:+.3f}", f"{student / teacher:.0%}"])
+    return table(["task", "teacher's gain", "student's gain", "kept"], rows)
 
 
 def tables(root=RESULTS):
@@ -492,7 +504,7 @@ def tables(root=RESULTS):
     if glob.glob(os.path.join(root, "designs", "*.jsonl")):
         out["designs"] = designs_table(root)
     if os.path.isfile(os.path.join(root, "tiny", "eval.json")):
-        out["tiny"] = tiny_table(root)
+        out["tiny"], out["tiny-kept"] = tiny_table(root), tiny_kept_table(root)
     for regime in REGIMES:
         seeds = [load(regime, s, root) for s in seeds_of(regime, root)]
         if not seeds:
