@@ -550,7 +550,7 @@ def write_docs(check=False, root=RESULTS, docs=DOCS):
         path = os.path.join(ROOT, doc)
         text = open(path).read()
         new, bad = fill(text, made)
-        if bad:
+        if bad and (check or "names no table" in bad):  # written: only a name can be wrong
             problems.append(f"{doc}: {bad}")
         if not check and new != text:
             write_text(path, new)
