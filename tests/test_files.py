@@ -166,6 +166,7 @@ def test_a_bad_lora_metadata_and_run_json_are_one_line(lora_layouts, tmp_path):
         refused(lambda: loras.check_lora(str(folder)), folder / "run.json", case)
 
 
+@pytest.mark.slow
 def test_damaged_teachers_are_one_line_before_the_model_loads(lora_layouts, tmp_path):
     """Through the command line, both layouts: a 500-byte random weights file in a --teachers
     folder (an interrupted download) stops distillation with one line naming the file, exit 2,

@@ -177,6 +177,7 @@ def test_resume_compares_every_option_but_those_that_may_change(teacher_dir, tmp
     assert "\n" not in str(e.value) and "optim_steps" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_not(tmp_path):
     args = ["--stage", "teacher", "--optim_steps", "2", *SMALL]
     outs = [str(tmp_path / n) for n in "abc"]
