@@ -524,7 +524,7 @@ def tables(root=RESULTS):
 
 
 # ---------------------------------------------------------------------------------- documents
-BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(\n<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.S)  # may be empty
 
 
 def fill(text, made):
@@ -539,7 +539,7 @@ def fill(text, made):
             return m.group(0)
         if m.group(3).strip() != made[name].strip() and not first:
             first.append(f"table {name!r} differs from the one the data make")
-        return m.group(1) + made[name] + m.group(4)
+        return m.group(1) + made[name].strip() + "\n" + m.group(4)
     return BLOCK.sub(put, text), (first[0] if first else None)
 
 

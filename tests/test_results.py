@@ -120,6 +120,13 @@ def test_documents_blocks_filled_and_checked(tmp_path, monkeypatch):
     assert text.endswith("|\n<!-- /results -->\ny\n")
     doc.write_text(text.replace("control-tasks", "control-nothing"))
     assert "names no table" in results.write_docs(True, root, ["doc.md"])[0]
+    # an empty block is filled in place, the next block left as it is
+    doc.write_text("<!-- results: control-tasks -->\n<!-- /results -->\nz\n"
+                   "<!-- results: control-flat -->\nold\n<!-- /results -->\n")
+    assert results.write_docs(False, root, ["doc.md"]) == []
+    text = doc.read_text()
+    assert text.count("<!-- /results -->") == 2 and "\nz\n<!-- results: control-flat" in text
+    assert text.startswith("<!-- results: control-tasks -->\n| model | a | b |")
 
 
 def test_the_repositorys_tables_are_its_datas():
