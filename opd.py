@@ -37,14 +37,14 @@ table against opd_support/config.py). SD3.5-M's are the public configs, batches 
     SD3.5-M  teacher, NFT         0    1    3e-4  1152   1  -     10             24
     SD3.5-M  distill              0    4.5  3e-4  24     1  -     10             -
     a: the training rollouts' SDE noise level (0: the ODE); CFG: their guidance (1: off); batch:
-    trajectories per optimizer step and task; K: optimizer steps per RL epoch (a round: 1);
-    clip: PPO's clip range of the ratio.
+    trajectories per optimizer step and task; K: optimizer steps per RL epoch (stage 2: one step
+    per round); clip: PPO's clip range of the ratio.
 
 Simplifications (and why)
 1. Teachers and student are LoRA adapters on ONE transformer (peft): M teachers cost one model's
    memory; switching adapters switches models.
-2. Per-step losses average over latent elements (as the public code), where the paper's
-   equations sum: a constant factor per resolution, absorbed by Adam.
+2. Per-step losses average over latent elements and over the trained steps (as the public
+   code), where the paper's equations sum: constant factors, absorbed by Adam.
 3. Stage 1 is GRPO-Guard or DiffusionNFT (--algo nft, the paper's GenEval teacher), an epoch of
    --updates_per_epoch optimizer steps as their public configs; NFT samples with the Euler ODE
    where its public code uses a second-order solver.
@@ -371,7 +371,7 @@ def distill(cfg, model, tasks, teacher_dirs, name="student"):
             prompts = runs.my_share(draw_prompts(cfg, task, r, m, cfg.batch_size), run)
             g = rng(cfg.seed, "rollout", m, run.rank, step=r)  # the student's own noise
             row[f"loss_{task.name}"] = 0.0
-            for half, s in micro_batches(len(prompts), cfg.micro_batch):
+            for half, s in micro_batches(len(prompts), cfg.micro_batch):  # half: the meter's
                 ps, share = prompts[s], len(prompts[s]) / len(prompts)
                 student = model.velocity("student", ps, cfg.guidance)
                 teacher = model.velocity(f"teacher-{task.name}", ps, guidance_of[task.name])
@@ -467,7 +467,8 @@ def grpo_guard_update(cfg, model, samples, rows, run):
 def nft_update(cfg, model, samples, rows, step, run):
     """DiffusionNFT's gradient for one update on the samples `rows`: per sample a random N - 1
     of the sampler's N times (nft_timesteps), each at x_t = (1 - t) x0 + t eps with fresh eps,
-    the loss nft_loss against the old adapter, plus its KL to the base (mean (v - v_ref)^2)."""
+    the loss nft_loss against the old adapter, plus nft_kl x mean (v - v_ref)^2, the distance
+    to the base's velocity (nft_kl 0: off)."""
     N, b, sigmas = cfg.sampler_steps, len(rows), sd3_sigmas(cfg.sampler_steps)
     for m, task_samples in enumerate(samples):  # task m's
         g = rng(cfg.seed, "nft", m, run.rank, step=step)  # times and fresh noise
