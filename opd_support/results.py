@@ -510,7 +510,10 @@ def tables(root=RESULTS):
         if not seeds:
             continue
         tasks = tasks_of(seeds[0])
-        out.update({f"{regime}-summary": summary_table(seeds, tasks),
+        summary = summary_table(seeds, tasks)
+        out.update({f"{regime}-summary": summary,  # -headline: the README's, no teacher rows
+                    f"{regime}-headline": "\n".join(
+                        r for r in summary.splitlines() if not r.startswith("| teacher-")),
                     f"{regime}-tasks": tasks_table(seeds, tasks),
                     f"{regime}-bootstrap": bootstrap_table(seeds, tasks),
                     f"{regime}-cost": equal_cost_table(seeds, tasks),

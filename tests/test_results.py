@@ -98,6 +98,9 @@ def test_tables_from_made_up_seeds(tmp_path):
     boot = made["control-bootstrap"]
     # task a, OPD minus joint: prompt p0 +0.5 (every seed), p1 0: 0.25 [0, 0.5]
     assert "| joint GRPO-Guard | 3 | +0.250 [+0.000, +0.500] |" in boot
+    head = made["control-headline"].splitlines()  # the summary without the teachers' rows
+    assert head == [r for r in made["control-summary"].splitlines() if "| teacher-" not in r]
+    assert len(head) < len(made["control-summary"].splitlines())
     meter = made["control-meter"]
     # raw -0.03, split halves 0.2 each: reliability 2 (0.2) / 1.2 = 1/3, corrected -0.03 x 3
     assert "| joint GRPO-Guard | a-b | -0.030 ± 0.000 | +0.20 / +0.20 | -0.09 [-0.09, -0.09] **" \
