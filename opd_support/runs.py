@@ -184,6 +184,7 @@ class Run:
     extra: dict = dataclasses.field(default_factory=dict)  # name -> Adapter (a baseline's)
     aux: list = dataclasses.field(default_factory=list)    # weights restored exactly (NFT's old)
     epoch_start: list = dataclasses.field(default_factory=list)  # RL: the epoch's first weights
+    epoch_sampling: dict = dataclasses.field(default_factory=dict)  # its sampling's passes
     val: list = dataclasses.field(default_factory=list)    # (step, validation mean over tasks)
     conflict: object = conflict.OFF                    # the gradient-conflict meter
     conflict_row: dict = dataclasses.field(default_factory=dict)  # its last step's statistics
@@ -395,6 +396,7 @@ def epoch_start_weights(run, first):
     which a stop inside it saves (stop_inside_epoch)."""
     resumed = run.epoch_start and first < run.start
     now = [p.detach().clone() for p in run.params] if resumed else None
+    before = dict(run.model.passes)
     with torch.no_grad():
         if resumed:
             for p, w in zip(run.params, run.epoch_start):
@@ -403,6 +405,7 @@ def epoch_start_weights(run, first):
             run.epoch_start = [p.detach().clone() for p in run.params]
         try:
             yield
+            run.epoch_sampling = {k: run.model.passes[k] - before[k] for k in before}
         finally:
             for p, w in zip(run.params, now or []):
                 p.copy_(w)
@@ -447,8 +450,8 @@ def stop_inside_epoch(cfg, model, run, step):
     also holds the epoch's first weights (a resume draws the epoch's samples again from them
     and goes on with this update), then every rank stops. A stop waits for one update at most."""
     if stop_asked(run):
-        run.step = step
-        save(cfg, model, run, step, run.epoch_start)
+        run.step = step  # the epoch's sampling is drawn again on resume: counted then, not twice
+        save(cfg, model, run, step, run.epoch_start, uncount=run.epoch_sampling)
         stop_here(run, step)
 
 
@@ -458,13 +461,15 @@ def stop_asked(run):
     return bool(sum_over_ranks(stop, run.world, "max").item())
 
 
-def save(cfg, model, run, step, epoch_start=()):
-    """Rank 0 writes the run's checkpoint at `step` (checkpoints.save_checkpoint)."""
+def save(cfg, model, run, step, epoch_start=(), uncount=None):
+    """Rank 0 writes the run's checkpoint at `step` (checkpoints.save_checkpoint); uncount:
+    transformer passes the resumed run will make again, left out of the saved count."""
+    passes = {k: v - (uncount or {}).get(k, 0) for k, v in model.passes.items()}
     if run.rank == 0:
         names = [run.adapter, *run.extra]
         state = ck.checkpoint_state(cfg, step, [run.opt, *(a.opt for a in run.extra.values())],
                                     [run.ema], run.aux,
-                                    {"elapsed": run.elapsed, "passes": dict(model.passes)},
+                                    {"elapsed": run.elapsed, "passes": passes},
                                     epoch_start)
         ck.save_checkpoint(run.dir, step, [adapter_state(model.tr, n) for n in names], state)
 
