@@ -4,8 +4,8 @@ the closed-form per-step KL is the gradient to use, what on-policy distillation 
 trajectories, and how it compares with joint RL, cascade RL and its own variants.
 
     pip install torch matplotlib      # all the toy needs
-    python sanity.py                  # every part, 5 seeds, 2 processes: 7 CPU-minutes
-    python sanity.py --part variants  # or grad, noise, multitask (README: the time of each)
+    python sanity.py                  # every part, 5 seeds, 2 processes: 3.5 min on 2 cores
+    python sanity.py --part variants  # or grad, noise, multitask (docs/results.md: their times)
     python sanity.py --quick          # reduced sizes, 1 seed (what the test runs): ~1 CPU-min
 
 Parts (README.md and docs/results.md have the numbers to expect)
