@@ -4,7 +4,7 @@ text-to-image student (Stable Diffusion 3 / 3.5), after arXiv 2605.15055. This f
 method; what is not (options, run folders, evaluation, the model wrapper) is in opd_support/.
 
 Run manual (README.md has the numbers to expect)
-    python opd.py               # tiny SD3, offline, 9 CPU-minutes (one thread): 3 teachers, distil,
+    python opd.py               # tiny SD3, offline, 7.5 min on 2 CPU cores: 3 teachers, distil,
                                 # eval -> runs/tiny/eval.md, each teacher up on its own task,
                                 # the one student keeping most of every teacher's gain
     python opd.py --stage teacher --task color --algo nft          # one DiffusionNFT teacher
