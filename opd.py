@@ -503,6 +503,14 @@ def nft_decay(cfg, step):
     return 0.0 if step < flat else min(rate * (step - flat), cap)
 
 
+def nft_follow(cfg, run, step):
+    """NFT's old adapter follows the trained one at an epoch's end:
+    theta_old <- d theta_old + (1 - d) theta, with d = nft_decay at the step reached."""
+    with torch.no_grad():
+        for p_old, p in zip(run.aux, run.params):
+            p_old.lerp_(p.detach(), 1 - nft_decay(cfg, step))
+
+
 def train_rl(cfg, model, schedule, name):
     """Stage 1 into <out>/<name>: a teacher (schedule: its one task every epoch), or one LoRA on
     several tasks (baselines.py). Each epoch samples K = updates_per_epoch batches of the tasks
@@ -528,9 +536,7 @@ def train_rl(cfg, model, schedule, name):
                 if cfg.algo == "grpo_guard" else nft_update(cfg, model, samples, rows, step, run)
             grad_norm = runs.optimizer_step(cfg, run)  # averaged over the ranks, clipped
             if cfg.algo == "nft" and u == K - 1:  # the epoch's end: NFT's old adapter follows
-                with torch.no_grad():  # theta_old <- d theta_old + (1 - d) theta
-                    for p_old, p in zip(run.aux, run.params):
-                        p_old.lerp_(p.detach(), 1 - nft_decay(cfg, first + K))
+                nft_follow(cfg, run, first + K)
             row = {**(epoch_stats if u == 0 else {}), "grad_norm": grad_norm, **stats}
             runs.after_step(cfg, run, step + 1, row)  # EMA, time, log, checkpoint: no maths
     trajectories = sum(len(schedule[e]) for e in range(run.step // K)) * K * cfg.batch_size
