@@ -47,8 +47,9 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from opd import (Sampler, bcast, clipped_loss, distill_trajectory_fused, group_advantages,
-                 log_ratio, opd_loss, rollout, sampler_step_loss, transition)
-from opd_support.conflict import Meter, corrected
+                 log_ratio, rollout, sampler_step_loss, transition)
+from baselines import dance_query, dance_trajectory, offpolicy_trajectory  # as on the SD3
+from opd_support.conflict import OFF, Meter, corrected
 from opd_support.sd3 import sd3_sigmas
 
 
@@ -93,6 +94,9 @@ SIGMAS = sd3_sigmas(10, shift=1.0)  # 10 sampler steps t_0 = 1 > ... > t_10 = 0;
 GROUP = 16  # RL: trajectories per prompt; 4 prompts x 16 = 64 per task and update
 
 
+FREQS = torch.arange(1, 5, dtype=torch.float32) * math.pi  # the time embedding's
+
+
 class VelocityMLP(nn.Module):
     """v(x, t, prompt): (B, 2) -> (B, 2); t a float or (B,)."""
 
@@ -105,8 +109,7 @@ class VelocityMLP(nn.Module):
 
     def forward(self, x, t, prompt):
         t = torch.as_tensor(t, dtype=torch.float32).expand(x.shape[0])[:, None]
-        freqs = torch.arange(1, 5, dtype=torch.float32) * math.pi
-        tf = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], 1)
+        tf = torch.cat([torch.sin(t * FREQS), torch.cos(t * FREQS)], 1)
         return self.net(torch.cat([x, tf, self.emb(prompt)], 1))
 
 
@@ -206,52 +209,16 @@ def rl(model, tasks, updates, g, lr=1e-3, log=None, count=None):
     Counter of the forwards, as opd's."""
     model = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    meter = Meter(list(model.parameters()))
+    meter = Meter(list(model.parameters())) if log is not None else OFF  # OFF: records nothing
     count = collections.Counter() if count is None else count
     for _ in range(updates):
         silent = grpo_update(model, opt, tasks, g, meter, count)
-        row = meter.row()
         if log is not None:
-            log.append({**row, **{f"zero_adv_{k}": v for k, v in silent.items()}})
+            log.append({**meter.row(), **{f"zero_adv_{k}": v for k, v in silent.items()}})
     return model
 
 
 # ------------------------------------------------------------------- OPD and its variants
-def dance_query(n_states, batch, g):
-    """DanceOPD's query state per sample: index int(u n_states), u ~ Beta(5, 2) (the 5th smallest
-    of 6 uniforms; mean 5/7, toward the low-noise end), clamped to n_states - 1. (batch,)."""
-    u = torch.rand(batch, 6, generator=g).sort(1).values[:, 4]
-    return (u * n_states).long().clamp(max=n_states - 1)
-
-
-def dance_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
-    """DanceOPD (as baselines.py's): the student's ODE rollout, ONE query state x_q per sample,
-    L = mean ||v_S(x_q) - v_T(x_q)||^2 against the routed teacher: one student forward+backward
-    and one teacher forward per sample. Same signature as opd.distill_trajectory."""
-    sigmas = sampler.sigmas
-    q = dance_query(len(sigmas) - 1, len(x), generator)  # over the N states with a velocity
-    states = rollout(student, x, sigmas[: int(q.max()) + 1], 0.0)["states"]  # to the deepest
-    x_q, t_q = states[torch.arange(len(x)), q], sigmas[q]  # (B, 2), (B,)
-    with torch.no_grad():
-        v_teacher = teacher(x_q, t_q)
-    loss = (student(x_q, t_q) - v_teacher).pow(2).mean(1).mean()
-    (loss * scale).backward()
-    return x_q, float(loss.detach())
-
-
-def offpolicy_trajectory(student, teacher, x, sampler, generator=None, scale=1.0):
-    """Off-policy OPD (as baselines.py's): the TEACHER's ODE rollout; on each of its states the
-    student's mean is pulled to the teacher's, 1/2 ||mu_S(x_j) - mu_T(x_j)||^2: the closed form on
-    states the student would not visit itself."""
-    sigmas, n = sampler.sigmas, len(sampler.loss_steps)
-    traj = rollout(teacher, x, sigmas, 0.0)  # states (B, N+1, 2), the teacher's means (B, N, 2)
-    for j in sampler.loss_steps:
-        x_j = traj["states"][:, j]
-        mu_s, std = transition(x_j, student(x_j, sigmas[j]), sigmas[j], sigmas[j + 1], 0.0)
-        (opd_loss(mu_s, traj["means"][:, j]).mean() / n * scale).backward()  # ODE: Eq. 12
-    return traj["states"][:, -1], 0.0
-
-
 def averaged(teachers, prompt, count):
     """The teachers averaged (no routing): mean_m v_T^m, whose step's mean is the mean of the
     teachers' means (mu is affine in v at a given state)."""
@@ -280,7 +247,8 @@ def opd(base, teachers, rounds, g, variant="OPD (ours)", noise_level=None, lr=1e
     sampler = Sampler(SIGMAS, a if noise_level is None else noise_level, loss=loss)
     student = copy.deepcopy(base)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
-    meter, count, curve = Meter(list(student.parameters())), collections.Counter(), []
+    meter = Meter(list(student.parameters())) if log is not None else OFF
+    count, curve = collections.Counter(), []
     first = next(iter(teachers))
     for r in range(rounds + 1):
         if curve_every and r % curve_every == 0:

@@ -393,7 +393,8 @@ def epoch_start_weights(run, first):
     """An RL epoch's sampling, with the weights the epoch began with: a run resumed inside the
     epoch samples from the ones its checkpoint kept (the uninterrupted run's samples, drawn
     again) and then goes on with its own; any other epoch keeps a copy of its first weights,
-    which a stop inside it saves (stop_inside_epoch)."""
+    which a stop inside it saves (stop_inside_epoch). The sampling's transformer passes go to
+    run.epoch_sampling: that checkpoint leaves them out, as the resumed run makes them again."""
     resumed = run.epoch_start and first < run.start
     now = [p.detach().clone() for p in run.params] if resumed else None
     before = dict(run.model.passes)
